@@ -1,0 +1,145 @@
+"""MILAN pretraining: a ViT learns to predict a frozen CLIP image encoder's per-token features from a
+masked view of the image. Without --data_path it runs a small CPU demo on generated images."""
+import argparse
+import datetime
+import os
+import time
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+import models_milan
+from engine_pretrain import train_one_epoch
+from util import cli
+from util.checkpoint import plain_args, resume_training, save_training
+from util.cli import check
+from util.clip_teacher import build_random_teacher, check_patch_grid, load_clip_teacher
+from util.data import image_folder, pretrain_transform, train_loader
+from util.demo_data import ensure_demo_dataset
+from util.distributed import cleanup, init_distributed, world_size
+from util.logger import RunLogger, log
+from util.optim import adamw, param_groups_weight_decay
+from util.precision import grad_scaler, resolve_precision
+
+KIND = 'pretrain'
+
+# The demo: a tiny ViT and a random tiny CLIP teacher on generated 64x64 images, about a minute on a CPU.
+DEMO_DEFAULTS = dict(model='mae_vit_tiny_patch8', input_size=64, batch_size=32, epochs=10, warmup_epochs=2,
+                     blr=1e-2, num_workers=2, print_freq=4, save_every=5, clip_model='random',
+                     use_clip=True, change_decoder=True, attn_mask=True, output_dir='./output_demo/pretrain')
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser('MILAN pretraining', description=__doc__)
+    cli.add_common_args(parser)
+    parser.set_defaults(batch_size=256, blr=1.5e-4, output_dir='./output_dir')
+    g = parser.add_argument_group('MILAN')
+    g.add_argument('--model', default='mae_vit_base_patch16', choices=sorted(models_milan.MODELS))
+    g.add_argument('--mask_ratio', type=float, default=0.75, help='fraction of patches hidden from the encoder')
+    cli.bool_flag(g, 'use_clip', 'predict the CLIP teacher\'s per-token features instead of pixels')
+    cli.bool_flag(g, 'change_decoder', 'use the prompting decoder instead of the MAE decoder')
+    cli.bool_flag(g, 'attn_mask', 'semantic-aware masking guided by the teacher\'s class-token attention')
+    cli.bool_flag(g, 'norm_pix_loss', 'pixel target: normalise each patch by its mean and variance')
+    g.add_argument('--clip_model', default='ViT-B/16',
+                   help='CLIP teacher: an OpenAI model name (downloaded once into --clip_cache), a TorchScript '
+                        '.pt or a state-dict file; "random" is a random tiny teacher for smoke tests only')
+    g.add_argument('--clip_cache', default=os.path.join(os.path.expanduser('~'), '.cache', 'clip'))
+    g.add_argument('--average_targets', type=int, default=1,
+                   help='average the teacher outputs of the last K blocks as the target')
+    g.add_argument('--teacher_input_norm', default='imagenet', choices=['imagenet', 'clip'],
+                   help='normalisation of the teacher\'s input (the released code used ImageNet\'s)')
+    return parser
+
+
+def validate_args(args):
+    check(0 < args.mask_ratio < 1, f'--mask_ratio must be between 0 and 1 (exclusive), got {args.mask_ratio}')
+    check(not args.attn_mask or args.use_clip,
+          '--attn_mask needs the CLIP teacher\'s attention: add --use_clip or drop --attn_mask')
+    check(not (args.norm_pix_loss and args.use_clip),
+          '--norm_pix_loss applies to the pixel target only: drop it or drop --use_clip')
+    check(args.average_targets == 1 or args.use_clip, '--average_targets needs --use_clip')
+    check(args.average_targets >= 1, f'--average_targets must be at least 1, got {args.average_targets}')
+    check(args.batch_size >= 1 and args.accum_iter >= 1, '--batch_size and --accum_iter must be at least 1')
+    check(0 <= args.warmup_epochs <= args.epochs, '--warmup_epochs must be between 0 and --epochs')
+    check(args.save_every >= 1 and args.print_freq >= 1, '--save_every and --print_freq must be at least 1')
+    check(not args.resume or os.path.isfile(args.resume), f'--resume {args.resume}: no such file')
+
+
+def build_teacher(args, patch_size, grid_size):
+    """The frozen CLIP teacher (on the CPU), or None for the pixel target."""
+    if not args.use_clip:
+        return None
+    if args.clip_model == 'random':
+        log('WARNING: the CLIP teacher has RANDOM weights: its targets carry no meaning. This is the demo/'
+            'smoke-test setting; pass --clip_model ViT-B/16 (or a weight file) for real pretraining.')
+        teacher = build_random_teacher(patch_size, grid_size, average_targets=args.average_targets)
+    else:
+        teacher = load_clip_teacher(args.clip_model, args.clip_cache, args.average_targets)
+    check_patch_grid(teacher, patch_size, grid_size)
+    return teacher
+
+
+def main(args):
+    device = init_distributed(args)
+    validate_args(args)
+    args.precision = resolve_precision(args.precision, device)
+    torch.manual_seed(args.seed + args.rank)
+    np.random.seed(args.seed + args.rank)
+    if args.output_dir:
+        os.makedirs(args.output_dir, exist_ok=True)
+    if args.demo:
+        args.data_path = ensure_demo_dataset()
+        log(f'demo run on generated images in {args.data_path} (pass --data_path for real data)')
+
+    dataset = image_folder(args.data_path, 'train', pretrain_transform(args.input_size))
+    loader = train_loader(dataset, args.batch_size, args.num_workers, args.pin_mem and device.type == 'cuda',
+                          args.seed)
+    patch_size = models_milan.MODELS[args.model]['patch_size']
+    check(args.input_size % patch_size == 0,
+          f'--input_size {args.input_size} is not a multiple of {args.model}\'s {patch_size}px patches')
+    teacher = build_teacher(args, patch_size, args.input_size // patch_size)
+    model = models_milan.create_model(
+        args.model, img_size=args.input_size, target='clip' if args.use_clip else 'pixel',
+        target_dim=teacher.output_dim if teacher is not None else 512,
+        prompting_decoder=args.change_decoder, norm_pix_loss=args.norm_pix_loss)
+    check(model.num_visible(args.mask_ratio) >= 1,
+          f'--mask_ratio {args.mask_ratio} leaves no visible patch out of {model.num_patches}')
+    model.to(device)
+    if teacher is not None:
+        teacher.to(device)
+
+    eff_batch = args.batch_size * args.accum_iter * world_size()
+    if args.lr is None:
+        args.lr = args.blr * eff_batch / 256
+    log(f'model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; target '
+        f'{"CLIP features" if args.use_clip else "pixels"}, {"prompting" if args.change_decoder else "MAE"} '
+        f'decoder, {"semantic-aware" if args.attn_mask else "random"} masking of {args.mask_ratio:.0%}')
+    log(f'effective batch {eff_batch} = {args.batch_size} x {args.accum_iter} accumulation x {world_size()} '
+        f'processes; lr {args.lr:.3e} (blr {args.blr:.3e}); precision {args.precision}; device {device}')
+
+    model_without_ddp = model
+    if args.distributed:
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None,
+                                        broadcast_buffers=False)
+    optimizer = adamw(param_groups_weight_decay(model_without_ddp, args.weight_decay), args.lr, (0.9, 0.95), device)
+    scaler = grad_scaler(args.precision, device)
+    start_epoch = resume_training(args, model_without_ddp, optimizer, scaler, KIND)
+
+    logger = RunLogger(args.output_dir, args.log_dir)
+    logger.config(plain_args(args))
+    log('config: ' + ' '.join(f'{k}={v}' for k, v in sorted(plain_args(args).items())))
+    start = time.time()
+    for epoch in range(start_epoch, args.epochs):
+        loader.sampler.set_epoch(epoch)
+        stats = train_one_epoch(model, teacher, loader, optimizer, scaler, epoch, args, device, logger)
+        save_training(args, epoch, model_without_ddp, optimizer, scaler, KIND)
+        logger.epoch({'epoch': epoch, **{f'train_{k}': v for k, v in stats.items()}})
+        log(f'epoch {epoch} done: loss {stats["loss"]:.4f}, {stats["images_per_sec"]:.1f} img/s')
+    logger.close()
+    log(f'training time {datetime.timedelta(seconds=int(time.time() - start))}')
+    cleanup()
+
+
+if __name__ == '__main__':
+    cli.run(main, cli.parse_args(get_args_parser(), DEMO_DEFAULTS))

@@ -1,0 +1,231 @@
+"""MILAN pretraining models: an MAE-style ViT encoder on the visible patches, the MAE decoder or the
+prompting decoder, and the CLIP-feature or pixel reconstruction loss (SPEC sections 2-4)."""
+from functools import partial
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import Mlp
+from timm.models.vision_transformer import Block, PatchEmbed
+
+from util.pos_embed import sincos_2d
+
+LayerNorm = partial(nn.LayerNorm, eps=1e-6)
+
+
+def masking_order(batch, num_patches, device, importance=None):
+    """A permutation of the patches per image; the first ones stay visible.
+
+    Random masking draws a uniform permutation. Semantic-aware masking draws patches without replacement
+    with probability proportional to `importance` (the law of `torch.multinomial(A, L, replacement=False)`),
+    sampled in one batched op as Gumbel top-k on log A.
+    """
+    if importance is None:
+        scores = torch.rand(batch, num_patches, device=device)
+    else:
+        uniform = torch.rand(batch, num_patches, device=device).clamp_(1e-20, 1.0)
+        gumbel = -torch.log(-torch.log(uniform))
+        scores = importance.float().clamp_min(1e-30).log() + gumbel
+    return scores.argsort(dim=1, descending=True)
+
+
+def patchify(imgs, patch_size):
+    """[B, 3, H, W] -> [B, L, p*p*3] flattened as (row-in-patch, column-in-patch, channel), MAE's order."""
+    b, c, h, w = imgs.shape
+    gh, gw = h // patch_size, w // patch_size
+    x = imgs.reshape(b, c, gh, patch_size, gw, patch_size)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, gh * gw, patch_size * patch_size * c)
+
+
+def clip_feature_loss(pred, target):
+    """Mean over every token of every image of 2 - 2 cos(pred, target)."""
+    pred = F.normalize(pred.float(), dim=-1)
+    target = F.normalize(target.float(), dim=-1)
+    return (2 - 2 * (pred * target).sum(dim=-1)).mean()
+
+
+def pixel_loss(pred, target, mask, norm_pix_loss):
+    """Per-patch mean squared error averaged over the masked patches (mask: 1 = masked)."""
+    target = target.float()
+    if norm_pix_loss:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + 1e-6) ** 0.5
+    per_patch = ((pred.float() - target) ** 2).mean(dim=-1)
+    return (per_patch * mask).sum() / mask.sum()
+
+
+class PromptAttention(nn.Module):
+    """Attention whose queries are the mask tokens and whose keys/values are the whole sequence."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, queries, context):
+        b, nq, d = queries.shape
+        h = self.num_heads
+        q = self.q(queries).reshape(b, nq, h, d // h).transpose(1, 2)
+        k, v = self.kv(context).reshape(b, context.shape[1], 2, h, d // h).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, nq, d))
+
+
+class PromptingBlock(nn.Module):
+    """Prompting-decoder block: only the mask tokens `m` are updated; the fixed tokens `f` (class and
+    visible) are prompts that enter the keys/values without LayerNorm1 and are never rewritten."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1 = LayerNorm(dim)
+        self.attn = PromptAttention(dim, num_heads)
+        self.norm2 = LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, fixed, m):
+        h = self.norm1(m)
+        # Attention does not depend on the order of the keys, so [f ; LN1(m)] needs no reordering.
+        m = m + self.attn(h, torch.cat([fixed, h], dim=1))
+        return m + self.mlp(self.norm2(m))
+
+
+class MilanViT(nn.Module):
+    """Masked-image-modelling ViT: encoder on class + visible patches, a decoder over all tokens.
+
+    target='clip' predicts the teacher's per-token CLIP features (all 1+L tokens count in the loss);
+    target='pixel' is the MAE baseline (masked patches only). prompting_decoder selects MILAN's decoder.
+    """
+
+    def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
+                 decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0,
+                 target='clip', target_dim=512, prompting_decoder=False, norm_pix_loss=False):
+        super().__init__()
+        if target not in ('clip', 'pixel'):
+            raise ValueError(f"target must be 'clip' or 'pixel', got {target!r}")
+        self.patch_size = patch_size
+        self.target = target
+        self.prompting_decoder = prompting_decoder
+        self.norm_pix_loss = norm_pix_loss
+
+        self.patch_embed = PatchEmbed(img_size, patch_size, 3, embed_dim)
+        self.grid_size = self.patch_embed.grid_size[0]
+        num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.register_buffer('pos_embed', sincos_2d(embed_dim, self.grid_size)[None])
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=LayerNorm) for _ in range(depth))
+        self.norm = LayerNorm(embed_dim)
+
+        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.register_buffer('decoder_pos_embed', sincos_2d(decoder_embed_dim, self.grid_size)[None])
+        if prompting_decoder:
+            self.decoder_blocks = nn.ModuleList(
+                PromptingBlock(decoder_embed_dim, decoder_num_heads, mlp_ratio) for _ in range(decoder_depth))
+        else:
+            self.decoder_blocks = nn.ModuleList(
+                Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=LayerNorm)
+                for _ in range(decoder_depth))
+        self.decoder_norm = LayerNorm(decoder_embed_dim)
+        out_dim = target_dim if target == 'clip' else patch_size ** 2 * 3
+        self.decoder_pred = nn.Linear(decoder_embed_dim, out_dim)
+        self.num_patches = num_patches
+        self._init_weights()
+
+    def _init_weights(self):
+        """MAE's initialisation: xavier-uniform linears (patch embedding as a linear), small-normal tokens."""
+        w = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.normal_(self.cls_token, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def no_weight_decay(self):
+        """Tokens are exempt from weight decay (position embeddings are fixed buffers, never optimised)."""
+        return {'cls_token', 'mask_token'}
+
+    def num_visible(self, mask_ratio):
+        return int(self.num_patches * (1 - mask_ratio))
+
+    def forward_encoder(self, imgs, ids_shuffle, num_keep):
+        """Encode the class token and the first `num_keep` patches of `ids_shuffle`."""
+        x = self.patch_embed(imgs) + self.pos_embed[:, 1:]
+        keep = ids_shuffle[:, :num_keep, None].expand(-1, -1, x.shape[-1])
+        x = torch.gather(x, 1, keep)
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
+    def forward_decoder(self, latent, ids_shuffle):
+        """Decode [B, 1+K, D] encoder outputs into [B, 1+L, out] predictions in image order.
+
+        Tokens are kept in shuffled order (class, visible, masked) through the blocks, which is
+        equivalent to image order because neither decoder's blocks depend on token order once the
+        position embedding is added; one gather at the end puts them back in image order.
+        """
+        b, num_keep = latent.shape[0], latent.shape[1] - 1
+        x = self.decoder_embed(latent)
+        pos = self.decoder_pos_embed.expand(b, -1, -1)
+        pos_shuffled = torch.gather(pos[:, 1:], 1, ids_shuffle[..., None].expand(-1, -1, x.shape[-1]))
+        fixed = x + torch.cat([pos[:, :1], pos_shuffled[:, :num_keep]], dim=1)
+        masked = self.mask_token.to(x.dtype) + pos_shuffled[:, num_keep:]
+        if self.prompting_decoder:
+            for blk in self.decoder_blocks:
+                masked = blk(fixed, masked)
+            x = torch.cat([fixed, masked], dim=1)
+        else:
+            x = torch.cat([fixed, masked], dim=1)
+            for blk in self.decoder_blocks:
+                x = blk(x)
+        ids_restore = ids_shuffle.argsort(dim=1)
+        patches = torch.gather(x[:, 1:], 1, ids_restore[..., None].expand(-1, -1, x.shape[-1]))
+        x = torch.cat([x[:, :1], patches], dim=1)
+        return self.decoder_pred(self.decoder_norm(x))
+
+    def forward(self, imgs, clip_targets=None, importance=None, mask_ratio=0.75):
+        """Returns (loss, pred, mask): pred [B, 1+L, target_dim] for the CLIP target or [B, L, p*p*3] for
+        pixels, mask [B, L] with 1 at masked patches, in image order. `importance` switches masking
+        from random to semantic-aware."""
+        if self.target == 'clip' and clip_targets is None:
+            raise ValueError('the CLIP target needs clip_targets from the teacher')
+        b = imgs.shape[0]
+        num_keep = self.num_visible(mask_ratio)
+        ids_shuffle = masking_order(b, self.num_patches, imgs.device, importance)
+        latent = self.forward_encoder(imgs, ids_shuffle, num_keep)
+        pred = self.forward_decoder(latent, ids_shuffle)
+        mask = torch.ones(b, self.num_patches, device=imgs.device)
+        mask.scatter_(1, ids_shuffle[:, :num_keep], 0.0)
+        if self.target == 'clip':
+            return clip_feature_loss(pred, clip_targets), pred, mask
+        pred = pred[:, 1:]
+        return pixel_loss(pred, patchify(imgs, self.patch_size), mask, self.norm_pix_loss), pred, mask
+
+
+_DECODER = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
+
+# The --model choices. The tiny one is for the CPU demo and tests (64x64 inputs), not a published setting.
+MODELS = {
+    'mae_vit_tiny_patch8': dict(patch_size=8, embed_dim=192, depth=4, num_heads=3,
+                                decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4),
+    'mae_vit_small_patch16': dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, **_DECODER),
+    'mae_vit_base_patch16': dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, **_DECODER),
+    'mae_vit_large_patch16': dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16, **_DECODER),
+    'mae_vit_huge_patch14': dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16, **_DECODER),
+}
+
+
+def create_model(name, **kwargs):
+    """A MilanViT of the named size; kwargs set the input size, target and decoder type."""
+    return MilanViT(**MODELS[name], **kwargs)

@@ -1,0 +1,122 @@
+"""Checkpoints as plain dicts (tensors, numbers, strings, lists) that `torch.load(weights_only=True)`
+reads, written atomically so a crash mid-write never destroys the last good one."""
+import glob
+import os
+import re
+import shutil
+
+import torch
+
+from util.cli import UserError
+from util.distributed import is_main
+from util.logger import log
+
+LAST = 'checkpoint-last.pth'
+
+
+def plain_args(args):
+    """The run's configuration as a dict of plain values, safe to store in a checkpoint."""
+    ok = (str, int, float, bool, type(None))
+    out = {}
+    for key, value in vars(args).items():
+        if isinstance(value, ok) or (isinstance(value, (list, tuple)) and all(isinstance(v, ok) for v in value)):
+            out[key] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def save_atomic(state, path):
+    """Write to a temporary file beside `path`, flush it to disk, then rename over `path`."""
+    tmp = f'{path}.tmp.{os.getpid()}'
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def latest_checkpoint(output_dir):
+    """The newest checkpoint in output_dir (the rolling 'last' one, else the highest epoch), or None."""
+    if not output_dir:
+        return None
+    last = os.path.join(output_dir, LAST)
+    if os.path.isfile(last):
+        return last
+    numbered = []
+    for path in glob.glob(os.path.join(output_dir, 'checkpoint-*.pth')):
+        match = re.fullmatch(r'checkpoint-(\d+)\.pth', os.path.basename(path))
+        if match:
+            numbered.append((int(match.group(1)), path))
+    return max(numbered)[1] if numbered else None
+
+
+def load_checkpoint(path, kind):
+    """Load a checkpoint of our own `kind` ('pretrain', 'finetune', ...) or explain why it can't be used."""
+    if not os.path.isfile(path):
+        raise UserError(f'checkpoint {path} does not exist; check --resume')
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise UserError(f'cannot read checkpoint {path} ({type(e).__name__}); it is truncated or not a '
+                        f'checkpoint of this repository: point --resume at another file') from None
+    if not isinstance(ckpt, dict) or ckpt.get('kind') != kind:
+        found = ckpt.get('kind') if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise UserError(f'checkpoint {path} is not a {kind} checkpoint of this repository (found {found!r}); '
+                        f'point --resume at one written by the same script')
+    return ckpt
+
+
+def load_model_state(model, state, path):
+    """Strict load that names the problem when the checkpoint holds another model."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        detail = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        raise UserError(f'checkpoint {path} holds a different model than the one asked for ({detail}); '
+                        f'use the --model and flags it was trained with') from None
+
+
+def resume_training(args, model, optimizer, scaler, kind):
+    """Restore model, optimizer and scaler from --resume or the newest checkpoint in output_dir;
+    returns the epoch to start from."""
+    path = args.resume or latest_checkpoint(args.output_dir)
+    if not path:
+        return args.start_epoch
+    ckpt = load_checkpoint(path, kind)
+    saved_model = ckpt.get('args', {}).get('model')
+    if saved_model and saved_model != args.model:
+        raise UserError(f'checkpoint {path} was trained as --model {saved_model}, not {args.model}; '
+                        f'pass --model {saved_model} or another --output_dir')
+    load_model_state(model, ckpt['model'], path)
+    optimizer.load_state_dict(ckpt['optimizer'])
+    if ckpt.get('scaler'):
+        scaler.load_state_dict(ckpt['scaler'])
+    log(f'resumed from {path} (epoch {ckpt["epoch"]} done)')
+    return ckpt['epoch'] + 1
+
+
+def save_training(args, epoch, model, optimizer, scaler, kind, extra=None):
+    """Main process only: the rolling 'last' checkpoint every epoch, a numbered one every --save_every
+    epochs and at the end."""
+    if not is_main() or not args.output_dir:
+        return
+    state = {'kind': kind, 'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
+             'scaler': scaler.state_dict() if scaler.is_enabled() else None, 'epoch': epoch,
+             'args': plain_args(args), **(extra or {})}
+    last = os.path.join(args.output_dir, LAST)
+    save_atomic(state, last)
+    if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
+        _link_or_copy(last, os.path.join(args.output_dir, f'checkpoint-{epoch}.pth'))
+
+
+def _link_or_copy(src, dst):
+    """A second name for a finished checkpoint without writing it again (a copy where links fail)."""
+    tmp = f'{dst}.tmp.{os.getpid()}'
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)

@@ -1,0 +1,65 @@
+"""Process-group setup for a plain process, torchrun (env://) and `torch.distributed.launch --use_env`,
+plus the few collectives the training loops need."""
+import os
+
+import torch
+import torch.distributed as dist
+
+from util.cli import UserError
+
+
+def init_distributed(args):
+    """Sets args.distributed, args.rank, args.world_size, args.local_rank and returns the torch device."""
+    if 'RANK' in os.environ and 'WORLD_SIZE' in os.environ:
+        args.rank = int(os.environ['RANK'])
+        args.world_size = int(os.environ['WORLD_SIZE'])
+        args.local_rank = int(os.environ.get('LOCAL_RANK', args.local_rank))
+    else:
+        args.rank, args.world_size, args.local_rank = 0, 1, 0
+    args.distributed = args.world_size > 1
+    device = torch.device(args.device)
+    if device.type == 'cuda':
+        if not torch.cuda.is_available():
+            raise UserError('--device cuda was asked for but no CUDA GPU is visible; pass --device cpu')
+        device = torch.device('cuda', args.local_rank)
+        torch.cuda.set_device(device)
+    if args.distributed:
+        backend = 'nccl' if device.type == 'cuda' else 'gloo'
+        dist.init_process_group(backend, init_method=args.dist_url, world_size=args.world_size, rank=args.rank,
+                                device_id=device if device.type == 'cuda' else None)
+        dist.barrier()
+    return device
+
+
+def is_main():
+    return rank() == 0
+
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def all_reduce_mean(tensor):
+    """Mean of a tensor over all processes (returned as a new tensor)."""
+    tensor = tensor.detach().clone()
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+        tensor /= dist.get_world_size()
+    return tensor
+
+
+def all_reduce_any(flag):
+    """True if the boolean tensor is true on any process."""
+    flag = flag.detach().to(torch.int32)
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def cleanup():
+    if dist.is_initialized():
+        dist.destroy_process_group()
