@@ -23,6 +23,8 @@ from util.optim import adamw, param_groups_weight_decay
 from util.precision import grad_scaler, resolve_precision
 
 KIND = 'pretrain'
+# A resumed run must build the same model as the checkpoint's.
+RESUME_FLAGS = ('model', 'input_size', 'use_clip', 'change_decoder', 'norm_pix_loss')
 
 # The demo: a tiny ViT and a random tiny CLIP teacher on generated 64x64 images, about a minute on a CPU.
 DEMO_DEFAULTS = dict(model='mae_vit_tiny_patch8', input_size=64, batch_size=32, epochs=10, warmup_epochs=2,
@@ -61,7 +63,8 @@ def validate_args(args):
     check(args.average_targets == 1 or args.use_clip, '--average_targets needs --use_clip')
     check(args.average_targets >= 1, f'--average_targets must be at least 1, got {args.average_targets}')
     check(args.batch_size >= 1 and args.accum_iter >= 1, '--batch_size and --accum_iter must be at least 1')
-    check(0 <= args.warmup_epochs <= args.epochs, '--warmup_epochs must be between 0 and --epochs')
+    check(0 <= args.warmup_epochs <= args.epochs,
+          f'--warmup_epochs {args.warmup_epochs} must be between 0 and --epochs {args.epochs}; lower it')
     check(args.save_every >= 1 and args.print_freq >= 1, '--save_every and --print_freq must be at least 1')
     check(not args.resume or os.path.isfile(args.resume), f'--resume {args.resume}: no such file')
 
@@ -124,7 +127,7 @@ def main(args):
                                         broadcast_buffers=False)
     optimizer = adamw(param_groups_weight_decay(model_without_ddp, args.weight_decay), args.lr, (0.9, 0.95), device)
     scaler = grad_scaler(args.precision, device)
-    start_epoch = resume_training(args, model_without_ddp, optimizer, scaler, KIND)
+    start_epoch = resume_training(args, model_without_ddp, optimizer, scaler, KIND, same_flags=RESUME_FLAGS)
 
     logger = RunLogger(args.output_dir, args.log_dir)
     logger.config(plain_args(args))

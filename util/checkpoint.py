@@ -79,17 +79,18 @@ def load_model_state(model, state, path):
                         f'use the --model and flags it was trained with') from None
 
 
-def resume_training(args, model, optimizer, scaler, kind):
+def resume_training(args, model, optimizer, scaler, kind, same_flags=('model',)):
     """Restore model, optimizer and scaler from --resume or the newest checkpoint in output_dir;
-    returns the epoch to start from."""
+    returns the epoch to start from. Flags in `same_flags` must match the checkpoint's."""
     path = args.resume or latest_checkpoint(args.output_dir)
     if not path:
         return args.start_epoch
     ckpt = load_checkpoint(path, kind)
-    saved_model = ckpt.get('args', {}).get('model')
-    if saved_model and saved_model != args.model:
-        raise UserError(f'checkpoint {path} was trained as --model {saved_model}, not {args.model}; '
-                        f'pass --model {saved_model} or another --output_dir')
+    saved = ckpt.get('args', {})
+    for flag in same_flags:
+        if flag in saved and saved[flag] != getattr(args, flag):
+            raise UserError(f'checkpoint {path} was trained with --{flag} {saved[flag]}, not {getattr(args, flag)}; '
+                            f'resume with the same --{flag} or use another --output_dir')
     load_model_state(model, ckpt['model'], path)
     optimizer.load_state_dict(ckpt['optimizer'])
     if ckpt.get('scaler'):

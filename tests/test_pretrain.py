@@ -1,0 +1,161 @@
+"""main_pretrain end to end on the CPU: the demo, resume, every flag combination, and bad input."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import main_pretrain
+from conftest import ROOT, pretrain_argv
+from util.checkpoint import load_checkpoint
+from util.cli import UserError, parse_args
+from util.clip_teacher import build_random_teacher
+
+
+def run(argv):
+    args = parse_args(main_pretrain.get_args_parser(), main_pretrain.DEMO_DEFAULTS, argv)
+    main_pretrain.main(args)
+    return args
+
+
+def run_cli(argv, cwd=ROOT, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    return subprocess.run([sys.executable, os.path.join(ROOT, 'main_pretrain.py'), *argv], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_demo_defaults_need_no_dataset(tmp_path, capsys):
+    """The README's first command, shortened to one epoch: generated data, tiny model, random teacher."""
+    out = tmp_path / 'demo'
+    args = run(['--epochs', '1', '--warmup_epochs', '1', '--output_dir', str(out)])
+    assert args.demo and args.model == 'mae_vit_tiny_patch8' and args.use_clip and args.change_decoder
+    assert args.attn_mask and args.clip_model == 'random'
+    log = capsys.readouterr().out
+    assert 'RANDOM weights' in log and 'effective batch 32' in log
+    assert sorted(f for f in os.listdir(out) if f.endswith('.pth')) == ['checkpoint-0.pth', 'checkpoint-last.pth']
+    assert any(f.startswith('events.out.tfevents') for f in os.listdir(out))
+    stats = [json.loads(line) for line in open(out / 'log.txt')]
+    assert [s['epoch'] for s in stats] == [0] and stats[0]['train_loss'] > 0
+    ckpt = torch.load(out / 'checkpoint-last.pth', weights_only=True)
+    assert ckpt['kind'] == 'pretrain' and ckpt['args']['model'] == 'mae_vit_tiny_patch8'
+    assert not any(k.startswith(('teacher', 'clip')) for k in ckpt['model'])
+    assert json.load(open(out / 'config.json'))['mask_ratio'] == 0.75
+
+
+@pytest.mark.parametrize('flags', [
+    ['--no-use_clip', '--no-change_decoder', '--no-attn_mask', '--norm_pix_loss'],
+    ['--no-use_clip', '--change_decoder', '--no-attn_mask'],
+    ['--use_clip', '--no-change_decoder', '--attn_mask', '--average_targets', '2'],
+    ['--use_clip', '--change_decoder', '--no-attn_mask', '--teacher_input_norm', 'clip', '--precision', 'bf16'],
+])
+def test_flag_combinations_train(tiny_data, tmp_path, flags):
+    args = run(pretrain_argv(tiny_data, tmp_path, *flags))
+    stats = json.loads(open(tmp_path / 'log.txt').read())
+    assert math.isfinite(stats['train_loss']) and stats['train_loss'] > 0
+    assert args.use_clip == ('--use_clip' in flags)
+
+
+def test_resume_restores_optimizer_exactly_and_continues(tiny_data, tmp_path, capsys):
+    run(pretrain_argv(tiny_data, tmp_path, '--epochs', '1'))
+    first = load_checkpoint(str(tmp_path / 'checkpoint-last.pth'), 'pretrain')
+
+    # restore into fresh objects the way main does, and compare every optimizer tensor bit for bit
+    args = parse_args(main_pretrain.get_args_parser(), {}, pretrain_argv(tiny_data, tmp_path, '--epochs', '2'))
+    args.rank, args.world_size = 0, 1
+    from util.checkpoint import resume_training
+    from util.optim import adamw, param_groups_weight_decay
+    from util.precision import grad_scaler
+    model = main_pretrain.models_milan.create_model(args.model, img_size=32, target='pixel')
+    optimizer = adamw(param_groups_weight_decay(model, 0.05), 1e-3, (0.9, 0.95), torch.device('cpu'))
+    assert resume_training(args, model, optimizer, grad_scaler('fp32', torch.device('cpu')), 'pretrain') == 1
+    restored = optimizer.state_dict()
+    for key, state in first['optimizer']['state'].items():
+        for name, value in state.items():
+            assert torch.equal(restored['state'][key][name], value)
+    for key, value in first['model'].items():
+        assert torch.equal(model.state_dict()[key], value)
+
+    capsys.readouterr()
+    run(pretrain_argv(tiny_data, tmp_path, '--epochs', '2'))  # automatic resume from output_dir
+    assert 'resumed from' in capsys.readouterr().out
+    assert [json.loads(line)['epoch'] for line in open(tmp_path / 'log.txt')] == [0, 1]
+    assert load_checkpoint(str(tmp_path / 'checkpoint-last.pth'), 'pretrain')['epoch'] == 1
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path):
+    run(pretrain_argv(tiny_data, tmp_path, '--epochs', '1'))
+    good = torch.load(tmp_path / 'checkpoint-last.pth', weights_only=True)
+    with pytest.raises(UserError, match='NaN or infinite'):
+        run(pretrain_argv(tiny_data, tmp_path, '--epochs', '2', '--lr', '1e30'))
+    kept = torch.load(tmp_path / 'checkpoint-last.pth', weights_only=True)
+    assert kept['epoch'] == 0
+    assert all(torch.equal(kept['model'][k], v) for k, v in good['model'].items())
+
+
+def write_teacher(path, patch, grid):
+    sd = {f'visual.{k}': v for k, v in build_random_teacher(patch, grid).state_dict().items()}
+    torch.save(sd, path)
+    return str(path)
+
+
+def test_teacher_from_a_state_dict_file(tiny_data, tmp_path):
+    teacher = write_teacher(tmp_path / 'clip.pth', 8, 4)
+    run(pretrain_argv(tiny_data, tmp_path / 'out', '--clip_model', teacher, '--use_clip', '--attn_mask'))
+    assert (tmp_path / 'out' / 'checkpoint-last.pth').exists()
+
+
+@pytest.mark.parametrize('flags,message', [
+    (['--data_path', '/nonexistent'], 'no folder /nonexistent/train'),
+    (['--attn_mask', '--no-use_clip'], '--attn_mask needs'),
+    (['--mask_ratio', '1.0'], '--mask_ratio must be between 0 and 1'),
+    (['--mask_ratio', '0'], '--mask_ratio must be between 0 and 1'),
+    (['--mask_ratio', '0.99'], 'leaves no visible patch'),
+    (['--norm_pix_loss', '--use_clip'], '--norm_pix_loss applies to the pixel target only'),
+    (['--input_size', '36'], 'not a multiple'),
+    (['--batch_size', '100'], 'fewer than one batch'),
+    (['--use_clip', '--average_targets', '5'], 'out of range'),
+    (['--average_targets', '2'], '--average_targets needs --use_clip'),
+    (['--resume', '/nonexistent.pth'], 'no such file'),
+])
+def test_bad_flags_give_one_clear_error(tiny_data, tmp_path, flags, message):
+    with pytest.raises(UserError, match=message):
+        run(pretrain_argv(tiny_data, tmp_path, *flags))
+
+
+def test_teacher_student_patch_grid_mismatch(tiny_data, tmp_path):
+    teacher = write_teacher(tmp_path / 'clip.pth', 16, 2)  # 16px patches: the student uses 8px
+    with pytest.raises(UserError, match='teacher CLIP ViT uses 16px patches on a 2x2 grid but the student uses '
+                                        '8px patches on a 4x4 grid'):
+        run(pretrain_argv(tiny_data, tmp_path, '--use_clip', '--clip_model', teacher))
+
+
+def test_empty_data_folder(tmp_path):
+    (tmp_path / 'data' / 'train').mkdir(parents=True)
+    with pytest.raises(UserError, match='no images under'):
+        run(pretrain_argv(str(tmp_path / 'data'), tmp_path / 'out'))
+
+
+def test_resume_of_another_model_is_refused(tiny_data, tmp_path):
+    run(pretrain_argv(tiny_data, tmp_path))
+    with pytest.raises(UserError, match='was trained with --model mae_vit_tiny_patch8, not mae_vit_small'):
+        run(pretrain_argv(tiny_data, tmp_path, '--model', 'mae_vit_small_patch16', '--input_size', '32',
+                          '--epochs', '2'))
+    with pytest.raises(UserError, match='was trained with --use_clip False, not True'):
+        run(pretrain_argv(tiny_data, tmp_path, '--use_clip', '--epochs', '2'))
+
+
+def test_corrupt_jpeg_is_one_line_naming_the_file(tiny_data, tmp_path):
+    """Through the real CLI and a real DataLoader worker process: one line on stderr, exit code 2."""
+    import shutil
+    data = tmp_path / 'data'
+    shutil.copytree(tiny_data, data)
+    bad = data / 'train' / 'disc' / 'disc_0003.JPEG'
+    bad.write_bytes(bad.read_bytes()[:200])  # truncated JPEG
+    argv = pretrain_argv(str(data), tmp_path / 'out', '--num_workers', '1', '--batch_size', '32')
+    result = run_cli(argv)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: cannot read image ') and str(bad) in lines[0]

@@ -1,0 +1,120 @@
+"""Schedules, position embeddings, optimizer groups and checkpoint files."""
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from models_milan import create_model
+from util.checkpoint import latest_checkpoint, load_checkpoint, save_atomic
+from util.cli import UserError, one_line
+from util.lr_sched import cosine_lr, set_lr
+from util.optim import param_groups_weight_decay
+from util.pos_embed import interpolate_pos_embed, sincos_2d
+
+
+def test_cosine_schedule_values():
+    kw = dict(base_lr=1.0e-3, min_lr=1.0e-5, warmup_epochs=40, epochs=400)
+    assert cosine_lr(0, **kw) == 0
+    assert cosine_lr(20, **kw) == pytest.approx(5e-4)
+    assert cosine_lr(40, **kw) == pytest.approx(1e-3)  # end of warm-up: the peak
+    assert cosine_lr(220, **kw) == pytest.approx((1e-3 + 1e-5) / 2)  # half-way through the cosine
+    assert cosine_lr(400, **kw) == pytest.approx(1e-5)
+    assert cosine_lr(130, **kw) == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5 * (1 + math.cos(math.pi / 4)))
+    # stepped per iteration: fractional epochs move the lr
+    assert cosine_lr(10.5, **kw) == pytest.approx(1e-3 * 10.5 / 40)
+
+
+def test_set_lr_honours_lr_scale():
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([{'params': [p]}, {'params': [torch.nn.Parameter(torch.zeros(1))], 'lr_scale': 0.5}], lr=1)
+    set_lr(opt, 0.2)
+    assert [g['lr'] for g in opt.param_groups] == [0.2, 0.1]
+
+
+def mae_reference_table(dim, grid):
+    """An independent numpy float32 derivation of MAE's 2-D sin-cos table."""
+    def one_d(d, pos):
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float32) / (d / 2.0))
+        out = np.einsum('m,d->md', pos.reshape(-1).astype(np.float32), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+    gw, gh = np.meshgrid(np.arange(grid, dtype=np.float32), np.arange(grid, dtype=np.float32))
+    table = np.concatenate([one_d(dim // 2, gw), one_d(dim // 2, gh)], axis=1)
+    return np.concatenate([np.zeros([1, dim], dtype=np.float32), table], axis=0)
+
+
+def test_sincos_pos_embed_layout():
+    table = sincos_2d(64, 14)
+    assert table.shape == (197, 64) and table.dtype == torch.float32
+    assert torch.count_nonzero(table[0]) == 0
+    np.testing.assert_allclose(table.numpy(), mae_reference_table(64, 14), atol=1e-6)
+    # patch 15 is row 1, column 1; patch 2 is row 0, column 2: first half follows the column
+    assert torch.equal(table[1 + 2, :32], table[1 + 14 + 2, :32])
+    assert torch.equal(table[1 + 14, 32:], table[1 + 14 + 5, 32:])
+
+
+def test_pos_embed_interpolation():
+    table = sincos_2d(32, 14)[None]
+    assert torch.equal(interpolate_pos_embed(table, 14), table)
+    bigger = interpolate_pos_embed(table, 24)
+    assert bigger.shape == (1, 1 + 24 * 24, 32)
+    assert torch.equal(bigger[:, 0], table[:, 0])
+
+
+def test_weight_decay_groups():
+    model = create_model('mae_vit_tiny_patch8', img_size=32, target='clip', target_dim=16, prompting_decoder=True)
+    no_decay, decay = param_groups_weight_decay(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay['params']}
+    decay_names = {names[id(p)] for p in decay['params']}
+    assert no_decay['weight_decay'] == 0 and decay['weight_decay'] == 0.05
+    assert {'cls_token', 'mask_token', 'blocks.0.attn.qkv.bias', 'blocks.0.norm1.weight', 'norm.bias',
+            'decoder_blocks.0.attn.q.bias'} <= no_decay_names
+    assert {'blocks.0.attn.qkv.weight', 'patch_embed.proj.weight', 'decoder_blocks.0.attn.kv.weight',
+            'decoder_pred.weight'} <= decay_names
+    assert not any('pos_embed' in n for n in no_decay_names | decay_names)  # fixed, never optimised
+    assert len(no_decay_names) + len(decay_names) == len(list(model.parameters()))
+
+
+def test_checkpoint_is_weights_only_loadable_and_atomic(tmp_path):
+    path = str(tmp_path / 'checkpoint-last.pth')
+    save_atomic({'kind': 'pretrain', 'model': {'w': torch.ones(2)}, 'epoch': 3, 'args': {'model': 'x'}}, path)
+    assert torch.load(path, weights_only=True)['epoch'] == 3
+    assert os.listdir(tmp_path) == ['checkpoint-last.pth']  # no temporary left behind
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError('disk full')
+    with pytest.raises(RuntimeError):
+        save_atomic({'kind': 'pretrain', 'x': Unpicklable()}, path)
+    assert load_checkpoint(path, 'pretrain')['epoch'] == 3  # the good one survived a failed write
+    assert os.listdir(tmp_path) == ['checkpoint-last.pth']
+
+
+def test_latest_checkpoint(tmp_path):
+    assert latest_checkpoint(str(tmp_path)) is None
+    for epoch in (4, 19, 9):
+        save_atomic({'epoch': epoch}, str(tmp_path / f'checkpoint-{epoch}.pth'))
+    assert latest_checkpoint(str(tmp_path)).endswith('checkpoint-19.pth')
+    save_atomic({'epoch': 20}, str(tmp_path / 'checkpoint-last.pth'))
+    assert latest_checkpoint(str(tmp_path)).endswith('checkpoint-last.pth')
+
+
+def test_load_checkpoint_refuses_bad_files(tmp_path):
+    truncated = tmp_path / 'truncated.pth'
+    save_atomic({'kind': 'pretrain', 'model': {'w': torch.ones(1000)}}, str(truncated))
+    truncated.write_bytes(truncated.read_bytes()[:500])
+    with pytest.raises(UserError, match='truncated'):
+        load_checkpoint(str(truncated), 'pretrain')
+    other = tmp_path / 'other.pth'
+    save_atomic({'kind': 'finetune', 'model': {}}, str(other))
+    with pytest.raises(UserError, match='not a pretrain checkpoint'):
+        load_checkpoint(str(other), 'pretrain')
+
+
+def test_one_line_of_a_worker_reraised_error():
+    wrapped = UserError('Caught UserError in DataLoader worker process 0.\nOriginal Traceback (most recent call '
+                        'last):\n  File "x.py", line 1\nutil.cli.UserError: cannot read image /d/a.JPEG (bad)')
+    assert one_line(wrapped) == 'cannot read image /d/a.JPEG (bad)'
+    assert one_line(UserError('plain message')) == 'plain message'
