@@ -5,22 +5,17 @@ import datetime
 import os
 import time
 
-import numpy as np
-import torch
-from torch.nn.parallel import DistributedDataParallel
-
 import models_milan
 from engine_pretrain import train_one_epoch
-from util import cli
+from util import cli, runtime
 from util.checkpoint import plain_args, resume_training, save_training
 from util.cli import check
 from util.clip_teacher import build_random_teacher, check_patch_grid, load_clip_teacher
 from util.data import image_folder, pretrain_transform, train_loader
-from util.demo_data import ensure_demo_dataset
-from util.distributed import cleanup, init_distributed, world_size
+from util.distributed import cleanup
 from util.logger import RunLogger, log
 from util.optim import adamw, param_groups_weight_decay
-from util.precision import grad_scaler, resolve_precision
+from util.precision import grad_scaler
 
 KIND = 'pretrain'
 # A resumed run must build the same model as the checkpoint's.
@@ -46,7 +41,7 @@ def get_args_parser():
     g.add_argument('--clip_model', default='ViT-B/16',
                    help='CLIP teacher: an OpenAI model name (downloaded once into --clip_cache), a TorchScript '
                         '.pt or a state-dict file; "random" is a random tiny teacher for smoke tests only')
-    g.add_argument('--clip_cache', default=os.path.join(os.path.expanduser('~'), '.cache', 'clip'))
+    g.add_argument('--clip_cache', default=cli.cache_dir('clip'), help='where named CLIP models are downloaded')
     g.add_argument('--average_targets', type=int, default=1,
                    help='average the teacher outputs of the last K blocks as the target')
     g.add_argument('--teacher_input_norm', default='imagenet', choices=['imagenet', 'clip'],
@@ -84,16 +79,8 @@ def build_teacher(args, patch_size, grid_size):
 
 
 def main(args):
-    device = init_distributed(args)
     validate_args(args)
-    args.precision = resolve_precision(args.precision, device)
-    torch.manual_seed(args.seed + args.rank)
-    np.random.seed(args.seed + args.rank)
-    if args.output_dir:
-        os.makedirs(args.output_dir, exist_ok=True)
-    if args.demo:
-        args.data_path = ensure_demo_dataset()
-        log(f'demo run on generated images in {args.data_path} (pass --data_path for real data)')
+    device = runtime.start(args)
 
     dataset = image_folder(args.data_path, 'train', pretrain_transform(args.input_size))
     loader = train_loader(dataset, args.batch_size, args.num_workers, args.pin_mem and device.type == 'cuda',
@@ -112,26 +99,20 @@ def main(args):
     if teacher is not None:
         teacher.to(device)
 
-    eff_batch = args.batch_size * args.accum_iter * world_size()
-    if args.lr is None:
-        args.lr = args.blr * eff_batch / 256
     log(f'model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; target '
         f'{"CLIP features" if args.use_clip else "pixels"}, {"prompting" if args.change_decoder else "MAE"} '
-        f'decoder, {"semantic-aware" if args.attn_mask else "random"} masking of {args.mask_ratio:.0%}')
-    log(f'effective batch {eff_batch} = {args.batch_size} x {args.accum_iter} accumulation x {world_size()} '
-        f'processes; lr {args.lr:.3e} (blr {args.blr:.3e}); precision {args.precision}; device {device}')
-
+        f'decoder, {"semantic-aware" if args.attn_mask else "random"} masking of {args.mask_ratio:.0%}; {device}')
+    runtime.set_lr_from_batch(args)
     model_without_ddp = model
-    if args.distributed:
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None,
-                                        broadcast_buffers=False)
+    model = runtime.wrap_ddp(model, device, args)
     optimizer = adamw(param_groups_weight_decay(model_without_ddp, args.weight_decay), args.lr, (0.9, 0.95), device)
     scaler = grad_scaler(args.precision, device)
-    start_epoch = resume_training(args, model_without_ddp, optimizer, scaler, KIND, same_flags=RESUME_FLAGS)
+    start_epoch, _ = resume_training(args, model_without_ddp, optimizer, scaler, KIND, same_flags=RESUME_FLAGS)
 
     logger = RunLogger(args.output_dir, args.log_dir)
     logger.config(plain_args(args))
     log('config: ' + ' '.join(f'{k}={v}' for k, v in sorted(plain_args(args).items())))
+    runtime.report_done(start_epoch, args)
     start = time.time()
     for epoch in range(start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch)

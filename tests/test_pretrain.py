@@ -70,7 +70,7 @@ def test_resume_restores_optimizer_exactly_and_continues(tiny_data, tmp_path, ca
     from util.precision import grad_scaler
     model = main_pretrain.models_milan.create_model(args.model, img_size=32, target='pixel')
     optimizer = adamw(param_groups_weight_decay(model, 0.05), 1e-3, (0.9, 0.95), torch.device('cpu'))
-    assert resume_training(args, model, optimizer, grad_scaler('fp32', torch.device('cpu')), 'pretrain') == 1
+    assert resume_training(args, model, optimizer, grad_scaler('fp32', torch.device('cpu')), 'pretrain')[0] == 1
     restored = optimizer.state_dict()
     for key, state in first['optimizer']['state'].items():
         for name, value in state.items():

@@ -80,12 +80,14 @@ def load_model_state(model, state, path):
 
 
 def resume_training(args, model, optimizer, scaler, kind, same_flags=('model',)):
-    """Restore model, optimizer and scaler from --resume or the newest checkpoint in output_dir;
-    returns the epoch to start from. Flags in `same_flags` must match the checkpoint's."""
+    """Restore model, optimizer and scaler from --resume or the newest checkpoint in output_dir.
+    Returns (epoch to start from, the checkpoint or None). Flags in `same_flags` must match the checkpoint's."""
     path = args.resume or latest_checkpoint(args.output_dir)
     if not path:
-        return args.start_epoch
+        return args.start_epoch, None
     ckpt = load_checkpoint(path, kind)
+    if 'optimizer' not in ckpt:
+        raise UserError(f'checkpoint {path} holds weights only; resume from checkpoint-last.pth in its folder')
     saved = ckpt.get('args', {})
     for flag in same_flags:
         if flag in saved and saved[flag] != getattr(args, flag):
@@ -96,7 +98,7 @@ def resume_training(args, model, optimizer, scaler, kind, same_flags=('model',))
     if ckpt.get('scaler'):
         scaler.load_state_dict(ckpt['scaler'])
     log(f'resumed from {path} (epoch {ckpt["epoch"]} done)')
-    return ckpt['epoch'] + 1
+    return ckpt['epoch'] + 1, ckpt
 
 
 def save_training(args, epoch, model, optimizer, scaler, kind, extra=None):

@@ -1,5 +1,6 @@
 """Argument parsing and one-line error reporting shared by the entry points."""
 import argparse
+import os
 import sys
 
 
@@ -37,6 +38,7 @@ def add_common_args(parser):
     g.add_argument('--blr', type=float, default=1e-3, help='base lr for an effective batch of 256')
     g.add_argument('--min_lr', type=float, default=0.0, help='lr at the end of the cosine schedule')
     g.add_argument('--warmup_epochs', type=int, default=40)
+    g.add_argument('--clip_grad', type=float, default=None, help='clip the gradient norm (off by default)')
     g.add_argument('--precision', default='auto', choices=['auto', 'bf16', 'fp16', 'fp32'],
                    help='auto: bf16 autocast on GPU, fp32 on CPU; fp16 adds loss scaling')
 
@@ -60,6 +62,11 @@ def add_common_args(parser):
     g.add_argument('--local_rank', '--local-rank', type=int, default=0,
                    help='set by `torch.distributed.launch`; torchrun uses LOCAL_RANK instead')
     return parser
+
+
+def cache_dir(name):
+    """~/.cache/<name>, honouring $XDG_CACHE_HOME (where openai-clip and most tools keep downloads)."""
+    return os.path.join(os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache'), name)
 
 
 def _cuda():

@@ -73,3 +73,53 @@ def renormalize(x, src_mean, src_std, dst_mean, dst_std):
     s_m, s_s, d_m, d_s = (torch.tensor(v, device=x.device, dtype=x.dtype).view(shape)
                           for v in (src_mean, src_std, dst_mean, dst_std))
     return (x * s_s + s_m - d_m) / d_s
+
+
+def finetune_transform(input_size, auto_augment, reprob, remode, recount):
+    """MAE's fine-tuning augmentation from timm: RandomResizedCrop (bicubic), flip, RandAugment, normalise,
+    random erasing (on the normalised tensor)."""
+    from timm.data import create_transform
+    return create_transform(input_size, is_training=True, color_jitter=None, auto_augment=auto_augment,
+                            interpolation='bicubic', re_prob=reprob, re_mode=remode, re_count=recount,
+                            mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
+def linprobe_transform(input_size):
+    """The linear probe's light augmentation: RandomResizedCrop (bicubic) and flip."""
+    return transforms.Compose([
+        transforms.RandomResizedCrop(input_size, interpolation=InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def eval_transform(input_size):
+    """Resize to input_size / 0.875 (bicubic), centre crop, normalise; 224 -> 256 -> 224 as usual."""
+    return transforms.Compose([
+        transforms.Resize(int(input_size / 0.875), interpolation=InterpolationMode.BICUBIC),
+        transforms.CenterCrop(input_size),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """Every rank-th index, in order, without padding: the shards cover the dataset exactly once, so summed
+    counts over processes equal a single-process evaluation."""
+
+    def __init__(self, length, rank, world_size):
+        self.indices = range(rank, length, world_size)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
+def eval_loader(dataset, batch_size, num_workers, pin_memory):
+    """Evaluation sharded exactly over the processes (each image counted once)."""
+    return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), rank(), world_size()),
+                      num_workers=num_workers,
+                      pin_memory=pin_memory, drop_last=False)

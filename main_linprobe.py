@@ -1,0 +1,52 @@
+"""Linear probing: a BatchNorm (no affine) and a linear head on the frozen pretrained encoder's feature,
+trained with LARS. Without --data_path it probes the demo pretraining checkpoint on the generated data."""
+import argparse
+
+import torch
+from timm.layers import trunc_normal_
+
+import models_vit
+from util import cli
+from util.classification import add_classification_args, run
+from util.data import linprobe_transform
+from util.lars import LARS
+from util.pretrained import load_pretrained
+
+KIND = 'linprobe'
+DEMO_DEFAULTS = dict(model='vit_tiny_patch8', input_size=64, batch_size=32, epochs=10, warmup_epochs=1, blr=50.0,
+                     nb_classes=4, num_workers=2, print_freq=4, save_every=5, output_dir='./output_demo/linprobe')
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser('MILAN linear probing', description=__doc__)
+    add_classification_args(parser, models_vit.MODELS)
+    parser.set_defaults(batch_size=512, epochs=100, blr=0.05, warmup_epochs=10, weight_decay=0.0, global_pool=False,
+                        output_dir='./output_dir')
+    return parser
+
+
+def build_model(args):
+    """Load the encoder, put the BatchNorm in front of a freshly initialised head, freeze everything else."""
+    model = models_vit.create_model(args.model, args.input_size, args.nb_classes, args.global_pool)
+    if args.finetune:
+        new = {'head.weight', 'head.bias'} | ({'fc_norm.weight', 'fc_norm.bias'} if args.global_pool else set())
+        load_pretrained(model, args.finetune, new)
+    trunc_normal_(model.head.weight, std=0.01)
+    torch.nn.init.zeros_(model.head.bias)
+    model.head = torch.nn.Sequential(torch.nn.BatchNorm1d(model.head.in_features, affine=False, eps=1e-6), model.head)
+    model.requires_grad_(False)
+    model.head.requires_grad_(True)
+    return model
+
+
+def build_optimizer(args, model):
+    return LARS(model.head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+
+
+def main(args):
+    return run(args, KIND, build_model, build_optimizer, linprobe_transform(args.input_size),
+               torch.nn.CrossEntropyLoss())
+
+
+if __name__ == '__main__':
+    cli.run(main, cli.parse_args(get_args_parser(), DEMO_DEFAULTS))

@@ -1,0 +1,121 @@
+"""What fine-tuning and linear probing share: flags, data, the epoch loop with evaluation, best and last
+checkpoints, --eval. The entry points differ only in the model, optimizer, augmentation and loss they pass."""
+import datetime
+import os
+import time
+
+from engine_finetune import evaluate, train_one_epoch
+from util import cli, runtime
+from util.checkpoint import load_checkpoint, load_model_state, plain_args, resume_training, save_atomic, \
+    save_training
+from util.cli import UserError, check
+from util.data import eval_loader, eval_transform, image_folder, train_loader
+from util.distributed import cleanup, is_main
+from util.logger import RunLogger, log
+from util.precision import grad_scaler
+
+DEMO_PRETRAIN = './output_demo/pretrain/checkpoint-last.pth'
+# A resumed run must build the same classifier as the checkpoint's.
+RESUME_FLAGS = ('model', 'input_size', 'nb_classes', 'global_pool')
+
+
+def add_classification_args(parser, model_choices):
+    cli.add_common_args(parser)
+    g = parser.add_argument_group('classification')
+    g.add_argument('--model', default='vit_base_patch16', choices=sorted(model_choices))
+    g.add_argument('--finetune', default='', help='pretraining checkpoint to start from (ours, MAE or MILAN)')
+    g.add_argument('--nb_classes', type=int, default=1000, help='classes in train/ and val/')
+    g.add_argument('--eval', action='store_true', help='only evaluate the --resume checkpoint on val/')
+    g.add_argument('--dist_eval', action='store_true',
+                   help='accepted for MAE compatibility: evaluation is always sharded exactly over processes')
+    g.add_argument('--global_pool', action='store_true', help='average the patch tokens (with a LayerNorm)')
+    g.add_argument('--cls_token', action='store_false', dest='global_pool', help='use the class token instead')
+    return parser
+
+
+def validate_common(args):
+    check(args.batch_size >= 1 and args.accum_iter >= 1, '--batch_size and --accum_iter must be at least 1')
+    check(0 <= args.warmup_epochs <= args.epochs,
+          f'--warmup_epochs {args.warmup_epochs} must be between 0 and --epochs {args.epochs}; lower it')
+    check(args.save_every >= 1 and args.print_freq >= 1, '--save_every and --print_freq must be at least 1')
+    check(not args.resume or os.path.isfile(args.resume), f'--resume {args.resume}: no such file')
+    check(not args.eval or args.resume, '--eval needs --resume CHECKPOINT to evaluate')
+    check(not args.finetune or os.path.isfile(args.finetune), f'--finetune {args.finetune}: no such file')
+
+
+def demo_pretrained(args):
+    """The demo starts from the demo pretraining checkpoint when there is one."""
+    if args.demo and not args.finetune and not args.eval:
+        if os.path.isfile(DEMO_PRETRAIN):
+            args.finetune = DEMO_PRETRAIN
+        else:
+            log(f'no {DEMO_PRETRAIN} (run `python main_pretrain.py` first): training from random initialisation')
+
+
+def check_classes(dataset, args, split):
+    found = len(dataset.classes)
+    if found != args.nb_classes:
+        raise UserError(f'{split}/ holds {found} classes but --nb_classes is {args.nb_classes}; '
+                        f'pass --nb_classes {found}')
+
+
+def run(args, kind, build_model, build_optimizer, train_transform, criterion, mixup=None):
+    """Build data and model, then evaluate (--eval) or train with evaluation after every epoch.
+
+    build_model(args) -> model on the CPU (pretrained weights loaded); build_optimizer(args, model).
+    """
+    validate_common(args)
+    device = runtime.start(args)
+    demo_pretrained(args)
+    train_set = image_folder(args.data_path, 'train', train_transform)
+    val_set = image_folder(args.data_path, 'val', eval_transform(args.input_size))
+    check_classes(train_set, args, 'train')
+    check_classes(val_set, args, 'val')
+    pin = args.pin_mem and device.type == 'cuda'
+    val = eval_loader(val_set, args.batch_size, args.num_workers, pin)
+
+    model = build_model(args).to(device)
+    log(f'model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, '
+        f'{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trained; {device}')
+    runtime.set_lr_from_batch(args)
+    model_without_ddp = model
+    model = runtime.wrap_ddp(model, device, args)
+    optimizer = build_optimizer(args, model_without_ddp)
+    scaler = grad_scaler(args.precision, device)
+
+    if args.eval:
+        ckpt = load_checkpoint(args.resume, kind)
+        load_model_state(model_without_ddp, ckpt['model'], args.resume)
+        stats = evaluate(model, val, device, args.precision)
+        log(f'{args.resume} on {len(val_set)} images: top-1 {stats["acc1"]:.2f}% top-5 {stats["acc5"]:.2f}%')
+        cleanup()
+        return stats
+
+    loader = train_loader(train_set, args.batch_size, args.num_workers, pin, args.seed)
+    start_epoch, resumed = resume_training(args, model_without_ddp, optimizer, scaler, kind, same_flags=RESUME_FLAGS)
+    best = resumed.get('best_acc1', 0.0) if resumed else 0.0
+    logger = RunLogger(args.output_dir, args.log_dir)
+    logger.config(plain_args(args))
+    log('config: ' + ' '.join(f'{k}={v}' for k, v in sorted(plain_args(args).items())))
+    runtime.report_done(start_epoch, args)
+    start = time.time()
+    stats = {}
+    for epoch in range(start_epoch, args.epochs):
+        loader.sampler.set_epoch(epoch)
+        train_stats = train_one_epoch(model, criterion, loader, optimizer, scaler, epoch, args, device, logger, mixup)
+        stats = evaluate(model, val, device, args.precision)
+        improved = stats['acc1'] > best
+        best = max(best, stats['acc1'])
+        save_training(args, epoch, model_without_ddp, optimizer, scaler, kind, extra={'best_acc1': best})
+        if improved and is_main() and args.output_dir:
+            save_atomic({'kind': kind, 'model': model_without_ddp.state_dict(), 'epoch': epoch, 'best_acc1': best,
+                         'args': plain_args(args)}, os.path.join(args.output_dir, 'checkpoint-best.pth'))
+        logger.scalars(epoch, val_acc1=stats['acc1'], val_acc5=stats['acc5'], val_loss=stats['loss'])
+        logger.epoch({'epoch': epoch, **{f'train_{k}': v for k, v in train_stats.items()},
+                      **{f'val_{k}': v for k, v in stats.items()}})
+        log(f'epoch {epoch}: val top-1 {stats["acc1"]:.2f}% top-5 {stats["acc5"]:.2f}% (best {best:.2f}%), '
+            f'train loss {train_stats["loss"]:.4f}')
+    logger.close()
+    log(f'training time {datetime.timedelta(seconds=int(time.time() - start))}; best top-1 {best:.2f}%')
+    cleanup()
+    return stats

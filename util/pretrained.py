@@ -1,0 +1,62 @@
+"""Load a pretraining checkpoint (ours, or a released MAE/MILAN file) into a fine-tuning/probing ViT."""
+import argparse
+import os
+
+import torch
+
+from util.cli import UserError
+from util.logger import log
+from util.pos_embed import interpolate_pos_embed
+
+# Keys a pretraining checkpoint holds that a classifier never uses.
+DROP_PREFIXES = ('decoder_', 'mask_token', 'teacher', 'clip')
+PREFIXES = ('module.', '_orig_mod.')
+
+
+def read_pretrained(path):
+    """The encoder state dict of a checkpoint. Released MAE/MILAN files pickle an argparse.Namespace, which
+    the weights-only loader refuses: that one class is allow-listed, nothing else is unpickled."""
+    if not os.path.isfile(path):
+        raise UserError(f'--finetune {path}: no such file')
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [''])[0]
+        raise UserError(f'cannot read {path} as a checkpoint ({type(e).__name__}: {first[:200]}); '
+                        f'pass a pretraining checkpoint written by this repository, MAE or MILAN') from None
+    state = ckpt.get('model', ckpt.get('state_dict', ckpt)) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict) or not state:
+        raise UserError(f'{path} holds no model state dict; pass a pretraining checkpoint')
+    clean = {}
+    for key, value in state.items():
+        for prefix in PREFIXES:
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        if not key.startswith(DROP_PREFIXES):
+            clean[key] = value
+    return clean
+
+
+def load_pretrained(model, path, allowed_missing):
+    """Load the encoder weights into `model` (a timm ViT): the head is dropped when its shape differs, the
+    position table is resized to the model's grid. Missing keys beyond `allowed_missing` (the new head, and
+    fc_norm with global pooling) or a shape that doesn't fit mean another model: refused."""
+    state = read_pretrained(path)
+    own = model.state_dict()
+    for key in [k for k in state if k.startswith('head') and (k not in own or state[k].shape != own[k].shape)]:
+        del state[key]
+    if 'pos_embed' in state:
+        grid = model.patch_embed.grid_size[0]
+        if state['pos_embed'].shape[-1] == own['pos_embed'].shape[-1]:
+            state['pos_embed'] = interpolate_pos_embed(state['pos_embed'], grid)
+    mismatched = [f'{k} {tuple(v.shape)} vs {tuple(own[k].shape)}' for k, v in state.items()
+                  if k in own and v.shape != own[k].shape]
+    missing = sorted(set(own) - set(state) - set(allowed_missing))
+    if mismatched or missing:
+        detail = mismatched[0] if mismatched else f'missing {", ".join(missing[:3])}'
+        raise UserError(f'{path} does not fit this model ({detail}); pass the --model it was pretrained as')
+    result = model.load_state_dict(state, strict=False)
+    log(f'loaded pretrained weights from {path}; new: {", ".join(result.missing_keys) or "-"}; '
+        f'unused: {", ".join(result.unexpected_keys) or "-"}')
+    return result

@@ -1,0 +1,52 @@
+"""Run setup shared by the entry points: processes and device, precision, seeds, output folder, demo data,
+the learning rate from the effective batch, and DDP wrapping."""
+import os
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from util.demo_data import ensure_demo_dataset
+from util.distributed import init_distributed, world_size
+from util.logger import log
+from util.precision import resolve_precision
+
+
+def start(args):
+    """Initialise the process group and everything global; returns the device."""
+    device = init_distributed(args)
+    args.precision = resolve_precision(args.precision, device)
+    torch.manual_seed(args.seed + args.rank)
+    np.random.seed(args.seed + args.rank)
+    if args.output_dir:
+        os.makedirs(args.output_dir, exist_ok=True)
+    if args.demo:
+        args.data_path = ensure_demo_dataset()
+        log(f'demo run on generated images in {args.data_path} (pass --data_path for real data)')
+    return device
+
+
+def set_lr_from_batch(args):
+    """lr = blr x effective batch / 256 unless --lr was given; logs both."""
+    eff_batch = args.batch_size * args.accum_iter * world_size()
+    if args.lr is None:
+        args.lr = args.blr * eff_batch / 256
+    log(f'effective batch {eff_batch} = {args.batch_size} x {args.accum_iter} accumulation x {world_size()} '
+        f'processes; lr {args.lr:.3e} (blr {args.blr:.3e}); precision {args.precision}')
+    return eff_batch
+
+
+def wrap_ddp(model, device, args):
+    """DDP across processes. Buffers (fixed position tables, or a probe's BatchNorm statistics computed from
+    synchronised weights) are not re-broadcast every forward."""
+    if not args.distributed:
+        return model
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None,
+                                   forward_sync_buffers=False)
+
+
+def report_done(start_epoch, args):
+    """Say so when a resumed run has nothing left to train (re-running a finished command)."""
+    if start_epoch >= args.epochs:
+        log(f'{args.output_dir} already holds a run trained for {start_epoch} epochs (--epochs {args.epochs}): '
+            f'nothing to do; raise --epochs to train on, or pick another --output_dir')
