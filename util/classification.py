@@ -11,7 +11,7 @@ from util.checkpoint import load_checkpoint, load_model_state, plain_args, resum
 from util.cli import UserError, check
 from util.data import eval_loader, eval_transform, image_folder, train_loader
 from util.distributed import cleanup, is_main
-from util.logger import RunLogger, log
+from util.logger import log
 from util.precision import grad_scaler
 
 DEMO_PRETRAIN = './output_demo/pretrain/checkpoint-last.pth'
@@ -33,12 +33,8 @@ def add_classification_args(parser, model_choices):
     return parser
 
 
-def validate_common(args):
-    check(args.batch_size >= 1 and args.accum_iter >= 1, '--batch_size and --accum_iter must be at least 1')
-    check(0 <= args.warmup_epochs <= args.epochs,
-          f'--warmup_epochs {args.warmup_epochs} must be between 0 and --epochs {args.epochs}; lower it')
-    check(args.save_every >= 1 and args.print_freq >= 1, '--save_every and --print_freq must be at least 1')
-    check(not args.resume or os.path.isfile(args.resume), f'--resume {args.resume}: no such file')
+def validate_args(args):
+    cli.validate_common(args)
     check(not args.eval or args.resume, '--eval needs --resume CHECKPOINT to evaluate')
     check(not args.finetune or os.path.isfile(args.finetune), f'--finetune {args.finetune}: no such file')
 
@@ -64,7 +60,7 @@ def run(args, kind, build_model, build_optimizer, train_transform, criterion, mi
 
     build_model(args) -> model on the CPU (pretrained weights loaded); build_optimizer(args, model).
     """
-    validate_common(args)
+    validate_args(args)
     device = runtime.start(args)
     demo_pretrained(args)
     train_set = image_folder(args.data_path, 'train', train_transform)
@@ -94,10 +90,7 @@ def run(args, kind, build_model, build_optimizer, train_transform, criterion, mi
     loader = train_loader(train_set, args.batch_size, args.num_workers, pin, args.seed)
     start_epoch, resumed = resume_training(args, model_without_ddp, optimizer, scaler, kind, same_flags=RESUME_FLAGS)
     best = resumed.get('best_acc1', 0.0) if resumed else 0.0
-    logger = RunLogger(args.output_dir, args.log_dir)
-    logger.config(plain_args(args))
-    log('config: ' + ' '.join(f'{k}={v}' for k, v in sorted(plain_args(args).items())))
-    runtime.report_done(start_epoch, args)
+    logger = runtime.open_logger(args, start_epoch)
     start = time.time()
     stats = {}
     for epoch in range(start_epoch, args.epochs):

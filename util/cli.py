@@ -86,6 +86,15 @@ def parse_args(parser, demo_defaults, argv=None):
     return args
 
 
+def validate_common(args):
+    """Checks of the shared flags, before anything is built."""
+    check(args.batch_size >= 1 and args.accum_iter >= 1, '--batch_size and --accum_iter must be at least 1')
+    check(0 <= args.warmup_epochs <= args.epochs,
+          f'--warmup_epochs {args.warmup_epochs} must be between 0 and --epochs {args.epochs}; lower it')
+    check(args.save_every >= 1 and args.print_freq >= 1, '--save_every and --print_freq must be at least 1')
+    check(not args.resume or os.path.isfile(args.resume), f'--resume {args.resume}: no such file')
+
+
 def check(condition, message):
     """Raise a UserError with `message` unless `condition` holds."""
     if not condition:

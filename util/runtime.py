@@ -8,7 +8,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from util.demo_data import ensure_demo_dataset
 from util.distributed import init_distributed, world_size
-from util.logger import log
+from util.checkpoint import plain_args
+from util.logger import RunLogger, log
 from util.precision import resolve_precision
 
 
@@ -45,8 +46,13 @@ def wrap_ddp(model, device, args):
                                    forward_sync_buffers=False)
 
 
-def report_done(start_epoch, args):
-    """Say so when a resumed run has nothing left to train (re-running a finished command)."""
+def open_logger(args, start_epoch):
+    """Write and print the resolved configuration; say so when a resumed run has nothing left to train."""
+    logger = RunLogger(args.output_dir, args.log_dir)
+    config = plain_args(args)
+    logger.config(config)
+    log('config: ' + ' '.join(f'{k}={v}' for k, v in sorted(config.items())))
     if start_epoch >= args.epochs:
         log(f'{args.output_dir} already holds a run trained for {start_epoch} epochs (--epochs {args.epochs}): '
             f'nothing to do; raise --epochs to train on, or pick another --output_dir')
+    return logger
