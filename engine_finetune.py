@@ -7,8 +7,8 @@ from util.precision import autocast
 from util.train_loop import train_epoch
 
 
-def train_one_epoch(model, criterion, loader, optimizer, scaler, epoch, args, device, logger, mixup=None):
-    """Classification loss on each batch, after mixup/cutmix when enabled."""
+def train_one_epoch(model, criterion, loader, optimizer, scaler, epoch, args, device, logger, mixup=None, **loop):
+    """Classification loss on each batch, after mixup/cutmix when enabled. `loop`: train_epoch's options."""
     def compute_loss(batch):
         images = batch[0].to(device, non_blocking=True)
         labels = batch[1].to(device, non_blocking=True)
@@ -16,7 +16,7 @@ def train_one_epoch(model, criterion, loader, optimizer, scaler, epoch, args, de
             images, labels = mixup(images, labels)
         return criterion(model(images), labels)
 
-    return train_epoch(model, loader, compute_loss, optimizer, scaler, epoch, args, device, logger)
+    return train_epoch(model, loader, compute_loss, optimizer, scaler, epoch, args, device, logger, **loop)
 
 
 @torch.no_grad()

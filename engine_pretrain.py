@@ -10,9 +10,9 @@ def teacher_view(images, teacher_input_norm):
     return images
 
 
-def train_one_epoch(model, teacher, loader, optimizer, scaler, epoch, args, device, logger):
+def train_one_epoch(model, teacher, loader, optimizer, scaler, epoch, args, device, logger, **loop):
     """The teacher turns each batch into targets and importance; the student reconstructs the targets
-    from the masked view (semantic-aware masking when --attn_mask)."""
+    from the masked view (semantic-aware masking when --attn_mask). `loop`: train_epoch's resume/stop options."""
     def compute_loss(batch):
         images = to_device_normalized(batch[0], device)
         targets = importance = None
@@ -21,4 +21,4 @@ def train_one_epoch(model, teacher, loader, optimizer, scaler, epoch, args, devi
         loss, _, _ = model(images, targets, importance if args.attn_mask else None, args.mask_ratio)
         return loss
 
-    return train_epoch(model, loader, compute_loss, optimizer, scaler, epoch, args, device, logger)
+    return train_epoch(model, loader, compute_loss, optimizer, scaler, epoch, args, device, logger, **loop)

@@ -10,11 +10,12 @@ from util import cli, runtime
 from util.checkpoint import resume_training, save_training
 from util.cli import check
 from util.clip_teacher import build_random_teacher, check_patch_grid, load_clip_teacher
-from util.data import image_folder, pretrain_transform, train_loader
+from util.data import BadImages, image_folder, pretrain_transform, train_loader
 from util.distributed import cleanup
 from util.logger import log
 from util.optim import adamw, param_groups_weight_decay
 from util.precision import grad_scaler
+from util.train_loop import train_epochs
 
 KIND = 'pretrain'
 # A resumed run must build the same model as the checkpoint's.
@@ -102,18 +103,25 @@ def main(args):
     model = runtime.wrap_ddp(model, device, args)
     optimizer = adamw(param_groups_weight_decay(model_without_ddp, args.weight_decay), args.lr, (0.9, 0.95), device)
     scaler = grad_scaler(args.precision, device)
-    start_epoch, _ = resume_training(args, model_without_ddp, optimizer, scaler, KIND, same_flags=RESUME_FLAGS)
+    start, _ = resume_training(args, model_without_ddp, optimizer, scaler, KIND, same_flags=RESUME_FLAGS)
+    logger = runtime.open_logger(args, start[0])
+    bad_images = BadImages(len(dataset), args.max_bad_frac)
 
-    logger = runtime.open_logger(args, start_epoch)
-    start = time.time()
-    for epoch in range(start_epoch, args.epochs):
-        loader.sampler.set_epoch(epoch)
-        stats = train_one_epoch(model, teacher, loader, optimizer, scaler, epoch, args, device, logger)
-        save_training(args, epoch, model_without_ddp, optimizer, scaler, KIND)
-        logger.epoch({'epoch': epoch, **{f'train_{k}': v for k, v in stats.items()}})
+    def run_epoch(epoch, start_iter, stop):
+        return train_one_epoch(model, teacher, loader, optimizer, scaler, epoch, args, device, logger,
+                               start_iter=start_iter, stop=stop, bad_images=bad_images)
+
+    def after_epoch(epoch, stats):
+        logger.epoch({'epoch': epoch, **{f'train_{k}': v for k, v in stats.items() if k != 'stopped'}})
         log(f'epoch {epoch} done: loss {stats["loss"]:.4f}, {stats["images_per_sec"]:.1f} img/s')
+
+    def save(epoch, resume_iter):
+        save_training(args, epoch, model_without_ddp, optimizer, scaler, KIND, resume_iter)
+
+    start_time = time.time()
+    train_epochs(args, loader, start, run_epoch, after_epoch, save)
     logger.close()
-    log(f'training time {datetime.timedelta(seconds=int(time.time() - start))}')
+    log(f'training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
     cleanup()
 
 

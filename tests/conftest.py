@@ -1,5 +1,6 @@
 """Shared fixtures: a small generated JPEG dataset and an in-process runner for the entry points."""
 import os
+import subprocess
 import sys
 import warnings
 
@@ -29,3 +30,13 @@ def pretrain_argv(data, out, *extra):
     return ['--data_path', data, '--output_dir', str(out), '--model', 'mae_vit_tiny_patch8', '--input_size', '32',
             '--batch_size', '8', '--epochs', '1', '--warmup_epochs', '0', '--num_workers', '0', '--device', 'cpu',
             '--clip_model', 'random', '--print_freq', '2', *extra]
+
+
+def cli_env():
+    return dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+
+
+def run_cli(argv, script='main_pretrain.py', timeout=300):
+    """The real command line in a fresh process (one thread, so runs are bit-for-bit comparable)."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], cwd=ROOT, env=cli_env(),
+                          capture_output=True, text=True, timeout=timeout)

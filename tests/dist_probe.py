@@ -70,15 +70,16 @@ def data_probe(args, data):
     dataset = image_folder(data, 'train', pretrain_transform(INPUT_SIZE))
     loader = train_loader(dataset, BATCH_SIZE, num_workers=0, pin_memory=False, seed=SEED)
     record = {'dataset_len': len(dataset), 'targets': list(dataset.targets), 'len_sampler': len(loader.sampler),
-              'len_loader': len(loader), 'sampler_num_replicas': loader.sampler.num_replicas,
-              'sampler_rank': loader.sampler.rank, 'sampler_seed': loader.sampler.seed, 'epochs': []}
+              'len_loader': len(loader), 'sampler_num_replicas': loader.sampler.shard.num_replicas,
+              'sampler_rank': loader.sampler.shard.rank, 'sampler_seed': loader.sampler.shard.seed, 'epochs': []}
     first_batches = None
     for epoch in range(EPOCHS):
         loader.sampler.set_epoch(epoch)
-        sampler_indices = [int(i) for i in loader.sampler]
-        batches = [[int(i) for i in b] for b in loader.batch_sampler]
+        assert all(e == epoch for _, e in loader.sampler)  # keys carry the epoch that seeds augmentation
+        sampler_indices = [int(i) for i, _ in loader.sampler]
+        batches = [[int(i) for i, _ in b] for b in loader.batch_sampler]
         labels, shapes, images = [], [], []
-        for imgs, lbls in loader:  # the images themselves, in the same order
+        for imgs, lbls, _ in loader:  # the images themselves, in the same order
             labels.append(lbls.tolist())
             shapes.append(list(imgs.shape))
             assert imgs.dtype == torch.uint8, imgs.dtype

@@ -2,14 +2,12 @@
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import main_pretrain
-from conftest import ROOT, pretrain_argv
+from conftest import pretrain_argv, run_cli
 from util.checkpoint import load_checkpoint
 from util.cli import UserError, parse_args
 from util.clip_teacher import build_random_teacher
@@ -19,12 +17,6 @@ def run(argv):
     args = parse_args(main_pretrain.get_args_parser(), main_pretrain.DEMO_DEFAULTS, argv)
     main_pretrain.main(args)
     return args
-
-
-def run_cli(argv, cwd=ROOT, timeout=300):
-    env = dict(os.environ, OMP_NUM_THREADS='1')
-    return subprocess.run([sys.executable, os.path.join(ROOT, 'main_pretrain.py'), *argv], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
 
 
 def test_demo_defaults_need_no_dataset(tmp_path, capsys):
@@ -70,7 +62,7 @@ def test_resume_restores_optimizer_exactly_and_continues(tiny_data, tmp_path, ca
     from util.precision import grad_scaler
     model = main_pretrain.models_milan.create_model(args.model, img_size=32, target='pixel')
     optimizer = adamw(param_groups_weight_decay(model, 0.05), 1e-3, (0.9, 0.95), torch.device('cpu'))
-    assert resume_training(args, model, optimizer, grad_scaler('fp32', torch.device('cpu')), 'pretrain')[0] == 1
+    assert resume_training(args, model, optimizer, grad_scaler('fp32', torch.device('cpu')), 'pretrain')[0] == (1, 0)
     restored = optimizer.state_dict()
     for key, state in first['optimizer']['state'].items():
         for name, value in state.items():
@@ -147,15 +139,31 @@ def test_resume_of_another_model_is_refused(tiny_data, tmp_path):
         run(pretrain_argv(tiny_data, tmp_path, '--use_clip', '--epochs', '2'))
 
 
-def test_corrupt_jpeg_is_one_line_naming_the_file(tiny_data, tmp_path):
-    """Through the real CLI and a real DataLoader worker process: one line on stderr, exit code 2."""
+def corrupt_copy(tiny_data, tmp_path, names):
+    """A copy of the data with the named train images truncated mid-file."""
     import shutil
     data = tmp_path / 'data'
     shutil.copytree(tiny_data, data)
-    bad = data / 'train' / 'disc' / 'disc_0003.JPEG'
-    bad.write_bytes(bad.read_bytes()[:200])  # truncated JPEG
-    argv = pretrain_argv(str(data), tmp_path / 'out', '--num_workers', '1', '--batch_size', '32')
+    bad = [data / 'train' / name.split('_')[0] / name for name in names]
+    for path in bad:
+        path.write_bytes(path.read_bytes()[:200])
+    return data, bad
+
+
+def test_corrupt_jpeg_is_skipped_and_named(tiny_data, tmp_path, capsys):
+    data, bad = corrupt_copy(tiny_data, tmp_path, ['disc_0003.JPEG'])
+    run(pretrain_argv(str(data), tmp_path / 'out'))
+    assert f'skipping unreadable image {bad[0]}' in capsys.readouterr().out
+    assert (tmp_path / 'out' / 'checkpoint-last.pth').exists()
+
+
+def test_too_many_corrupt_jpegs_is_one_line_naming_a_file(tiny_data, tmp_path):
+    """Through the real CLI and a real DataLoader worker process: one line on stderr, exit code 2."""
+    data, bad = corrupt_copy(tiny_data, tmp_path, ['disc_0003.JPEG'])
+    argv = pretrain_argv(str(data), tmp_path / 'out', '--num_workers', '1', '--batch_size', '32',
+                         '--max_bad_frac', '0')
     result = run_cli(argv)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith('error: cannot read image ') and str(bad) in lines[0]
+    assert len(lines) == 1 and lines[0].startswith('error: 1 of 32 training images are unreadable'), lines
+    assert str(bad[0]) in lines[0]

@@ -10,6 +10,7 @@ import torch
 from util.cli import UserError
 from util.distributed import is_main
 from util.logger import log
+from util import rng
 
 LAST = 'checkpoint-last.pth'
 
@@ -80,11 +81,12 @@ def load_model_state(model, state, path):
 
 
 def resume_training(args, model, optimizer, scaler, kind, same_flags=('model',)):
-    """Restore model, optimizer and scaler from --resume or the newest checkpoint in output_dir.
-    Returns (epoch to start from, the checkpoint or None). Flags in `same_flags` must match the checkpoint's."""
+    """Restore model, optimizer, scaler and every process's RNG from --resume or the newest checkpoint in
+    output_dir. Returns ((epoch, iteration) to start from, the checkpoint or None). A mid-epoch checkpoint
+    continues inside its epoch. Flags in `same_flags` must match the checkpoint's."""
     path = args.resume or latest_checkpoint(args.output_dir)
     if not path:
-        return args.start_epoch, None
+        return (args.start_epoch, 0), None
     ckpt = load_checkpoint(path, kind)
     if 'optimizer' not in ckpt:
         raise UserError(f'checkpoint {path} holds weights only; resume from checkpoint-last.pth in its folder')
@@ -93,26 +95,56 @@ def resume_training(args, model, optimizer, scaler, kind, same_flags=('model',))
         if flag in saved and saved[flag] != getattr(args, flag):
             raise UserError(f'checkpoint {path} was trained with --{flag} {saved[flag]}, not {getattr(args, flag)}; '
                             f'resume with the same --{flag} or use another --output_dir')
+    resume_iter = ckpt.get('resume_iter', 0)
+    same_layout = all(saved.get(k) == getattr(args, k) for k in ('world_size', 'batch_size', 'accum_iter'))
+    if resume_iter and not same_layout:
+        raise UserError(f'checkpoint {path} was written mid-epoch by {saved.get("world_size")} processes x batch '
+                        f'{saved.get("batch_size")} x accumulation {saved.get("accum_iter")}; resume with the same '
+                        f'numbers to replay its data order')
     load_model_state(model, ckpt['model'], path)
     optimizer.load_state_dict(ckpt['optimizer'])
     if ckpt.get('scaler'):
         scaler.load_state_dict(ckpt['scaler'])
+    if ckpt.get('rng') and len(ckpt['rng']) == args.world_size:
+        rng.restore_own(ckpt['rng'])
+    else:
+        log('the checkpoint has no random state for this number of processes: masks and augmentations from '
+            'here on differ from an uninterrupted run')
+    if resume_iter:
+        log(f'resumed from {path}: epoch {ckpt["epoch"]} at iteration {resume_iter}')
+        return (ckpt['epoch'], resume_iter), ckpt
     log(f'resumed from {path} (epoch {ckpt["epoch"]} done)')
-    return ckpt['epoch'] + 1, ckpt
+    return (ckpt['epoch'] + 1, 0), ckpt
 
 
-def save_training(args, epoch, model, optimizer, scaler, kind, extra=None):
-    """Main process only: the rolling 'last' checkpoint every epoch, a numbered one every --save_every
-    epochs and at the end."""
+def save_training(args, epoch, model, optimizer, scaler, kind, resume_iter=0, extra=None):
+    """Checkpoint the run (a collective: every process contributes its RNG state; the main one writes).
+
+    At an epoch's end (resume_iter 0): checkpoint-last.pth and checkpoint-{epoch}.pth, keeping the newest
+    --keep_last numbered ones plus every --save_every-th and the final one. Mid-epoch (a stop request):
+    checkpoint-last.pth alone, marked with the iteration to continue from."""
+    states = rng.capture_all()
     if not is_main() or not args.output_dir:
         return
     state = {'kind': kind, 'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
              'scaler': scaler.state_dict() if scaler.is_enabled() else None, 'epoch': epoch,
-             'args': plain_args(args), **(extra or {})}
+             'resume_iter': resume_iter, 'rng': states, 'args': plain_args(args), **(extra or {})}
     last = os.path.join(args.output_dir, LAST)
     save_atomic(state, last)
-    if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
+    if resume_iter == 0:
         _link_or_copy(last, os.path.join(args.output_dir, f'checkpoint-{epoch}.pth'))
+        _prune(args.output_dir, epoch, args.keep_last, args.save_every, args.epochs)
+
+
+def _prune(output_dir, newest, keep_last, save_every, epochs):
+    """Delete numbered checkpoints older than the newest keep_last, except every save_every-th and the final."""
+    for path in glob.glob(os.path.join(output_dir, 'checkpoint-*.pth')):
+        match = re.fullmatch(r'checkpoint-(\d+)\.pth', os.path.basename(path))
+        if not match:
+            continue
+        epoch = int(match.group(1))
+        if epoch <= newest - keep_last and (epoch + 1) % save_every != 0 and epoch + 1 != epochs:
+            os.remove(path)
 
 
 def _link_or_copy(src, dst):

@@ -9,10 +9,11 @@ from util import cli, runtime
 from util.checkpoint import load_checkpoint, load_model_state, plain_args, resume_training, save_atomic, \
     save_training
 from util.cli import UserError, check
-from util.data import eval_loader, eval_transform, image_folder, train_loader
+from util.data import BadImages, eval_loader, eval_transform, image_folder, train_loader
 from util.distributed import cleanup, is_main
 from util.logger import log
 from util.precision import grad_scaler
+from util.train_loop import train_epochs
 
 DEMO_PRETRAIN = './output_demo/pretrain/checkpoint-last.pth'
 # A resumed run must build the same classifier as the checkpoint's.
@@ -88,27 +89,37 @@ def run(args, kind, build_model, build_optimizer, train_transform, criterion, mi
         return stats
 
     loader = train_loader(train_set, args.batch_size, args.num_workers, pin, args.seed)
-    start_epoch, resumed = resume_training(args, model_without_ddp, optimizer, scaler, kind, same_flags=RESUME_FLAGS)
+    start, resumed = resume_training(args, model_without_ddp, optimizer, scaler, kind, same_flags=RESUME_FLAGS)
     best = resumed.get('best_acc1', 0.0) if resumed else 0.0
-    logger = runtime.open_logger(args, start_epoch)
-    start = time.time()
-    stats = {}
-    for epoch in range(start_epoch, args.epochs):
-        loader.sampler.set_epoch(epoch)
-        train_stats = train_one_epoch(model, criterion, loader, optimizer, scaler, epoch, args, device, logger, mixup)
+    last = {}
+    logger = runtime.open_logger(args, start[0])
+    bad_images = BadImages(len(train_set), args.max_bad_frac)
+
+    def run_epoch(epoch, start_iter, stop):
+        return train_one_epoch(model, criterion, loader, optimizer, scaler, epoch, args, device, logger, mixup,
+                               start_iter=start_iter, stop=stop, bad_images=bad_images)
+
+    def after_epoch(epoch, train_stats):
+        nonlocal best
         stats = evaluate(model, val, device, args.precision)
-        improved = stats['acc1'] > best
+        if stats['acc1'] > best and is_main() and args.output_dir:
+            save_atomic({'kind': kind, 'model': model_without_ddp.state_dict(), 'epoch': epoch,
+                         'best_acc1': stats['acc1'], 'args': plain_args(args)},
+                        os.path.join(args.output_dir, 'checkpoint-best.pth'))
         best = max(best, stats['acc1'])
-        save_training(args, epoch, model_without_ddp, optimizer, scaler, kind, extra={'best_acc1': best})
-        if improved and is_main() and args.output_dir:
-            save_atomic({'kind': kind, 'model': model_without_ddp.state_dict(), 'epoch': epoch, 'best_acc1': best,
-                         'args': plain_args(args)}, os.path.join(args.output_dir, 'checkpoint-best.pth'))
+        last.update(stats)
         logger.scalars(epoch, val_acc1=stats['acc1'], val_acc5=stats['acc5'], val_loss=stats['loss'])
-        logger.epoch({'epoch': epoch, **{f'train_{k}': v for k, v in train_stats.items()},
+        logger.epoch({'epoch': epoch, **{f'train_{k}': v for k, v in train_stats.items() if k != 'stopped'},
                       **{f'val_{k}': v for k, v in stats.items()}})
         log(f'epoch {epoch}: val top-1 {stats["acc1"]:.2f}% top-5 {stats["acc5"]:.2f}% (best {best:.2f}%), '
             f'train loss {train_stats["loss"]:.4f}')
+
+    def save(epoch, resume_iter):
+        save_training(args, epoch, model_without_ddp, optimizer, scaler, kind, resume_iter, {'best_acc1': best})
+
+    start_time = time.time()
+    train_epochs(args, loader, start, run_epoch, after_epoch, save)
     logger.close()
-    log(f'training time {datetime.timedelta(seconds=int(time.time() - start))}; best top-1 {best:.2f}%')
+    log(f'training time {datetime.timedelta(seconds=int(time.time() - start_time))}; best top-1 {best:.2f}%')
     cleanup()
-    return stats
+    return {**last, 'best_acc1': best}

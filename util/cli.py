@@ -51,6 +51,9 @@ def add_common_args(parser):
     g.add_argument('--pin_mem', action='store_true', default=True, help='pin CPU memory for faster GPU copies')
     g.add_argument('--no_pin_mem', action='store_false', dest='pin_mem')
     g.add_argument('--save_every', type=int, default=20, help='keep a numbered checkpoint every N epochs')
+    g.add_argument('--keep_last', type=int, default=2, help='also keep the newest N numbered checkpoints')
+    g.add_argument('--max_bad_frac', type=float, default=0.1,
+                   help='unreadable training images are skipped and logged; past this fraction the run stops')
     g.add_argument('--print_freq', type=int, default=20, help='iterations between log lines')
 
     g = parser.add_argument_group('run')
@@ -91,7 +94,9 @@ def validate_common(args):
     check(args.batch_size >= 1 and args.accum_iter >= 1, '--batch_size and --accum_iter must be at least 1')
     check(0 <= args.warmup_epochs <= args.epochs,
           f'--warmup_epochs {args.warmup_epochs} must be between 0 and --epochs {args.epochs}; lower it')
-    check(args.save_every >= 1 and args.print_freq >= 1, '--save_every and --print_freq must be at least 1')
+    check(min(args.save_every, args.print_freq, args.keep_last) >= 1,
+          '--save_every, --keep_last and --print_freq must be at least 1')
+    check(0 <= args.max_bad_frac < 1, f'--max_bad_frac must be in [0, 1), got {args.max_bad_frac}')
     check(not args.resume or os.path.isfile(args.resume), f'--resume {args.resume}: no such file')
 
 

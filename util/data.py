@@ -2,16 +2,19 @@
 
 Images leave the workers as uint8 tensors (4x less to copy than float) and are normalised on the
 training device by `to_device_normalized`."""
+import contextlib
 import os
+import random
 
+import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate, get_worker_info
 from torchvision import datasets, transforms
 from torchvision.transforms import InterpolationMode
 
 from util.cli import UserError
-from util.distributed import rank, world_size
+from util.distributed import all_reduce_sum, rank, world_size
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -48,15 +51,120 @@ def image_folder(data_path, split, transform):
         raise UserError(f'no images under {root} ({e}); --data_path must hold {split}/<class>/<images>') from None
 
 
-def train_loader(dataset, batch_size, num_workers, pin_memory, seed, drop_last=True):
-    """A loader whose DistributedSampler gives each process a different shard of a per-epoch shuffle
-    (call `loader.sampler.set_epoch(epoch)` every epoch); it works unchanged in a single process."""
-    sampler = DistributedSampler(dataset, num_replicas=world_size(), rank=rank(), shuffle=True, seed=seed)
-    if len(sampler) < batch_size:
-        raise UserError(f'the dataset has {len(dataset)} images, fewer than one batch of {batch_size} per '
+def sample_seed(seed, epoch, index):
+    """The augmentation seed of one sample in one epoch: a pure function, so the data a run sees does not
+    depend on worker count, on the process a sample lands on, or on a restart mid-epoch."""
+    return (seed * 1_000_003 + epoch * 7_919 + index * 104_729 + 0x5EED) % (2 ** 32)
+
+
+@contextlib.contextmanager
+def seeded_rng(seed):
+    """Seed torch, numpy and random (all three drive torchvision/timm augmentations). In the main process
+    (num_workers 0) their states are restored afterwards; a worker's own generators serve nothing else, so
+    the costly save/restore is skipped there."""
+    saved = None if get_worker_info() else (torch.get_rng_state(), np.random.get_state(), random.getstate())
+    torch.default_generator.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        if saved:
+            torch.set_rng_state(saved[0])
+            np.random.set_state(saved[1])
+            random.setstate(saved[2])
+
+
+class TrainSet(Dataset):
+    """An image folder indexed by (index, epoch): each sample's augmentation is seeded by sample_seed, and an
+    unreadable image is replaced by the next readable one, its path reported with the batch."""
+
+    MAX_CONSECUTIVE_BAD = 32
+
+    def __init__(self, folder, seed):
+        self.folder, self.seed = folder, seed
+
+    def __len__(self):
+        return len(self.folder)
+
+    def __getitem__(self, key):
+        index, epoch = key
+        bad = []
+        for offset in range(min(self.MAX_CONSECUTIVE_BAD, len(self.folder))):
+            i = (index + offset) % len(self.folder)
+            try:
+                with seeded_rng(sample_seed(self.seed, epoch, i)):
+                    image, label = self.folder[i]
+                return image, label, bad
+            except UserError:
+                bad.append(self.folder.samples[i][0])
+        raise UserError(f'{len(bad)} consecutive unreadable images from {bad[0]}; is {self.folder.root} a '
+                        f'readable image folder?')
+
+
+def collate_train(batch):
+    """(images, labels, paths of the unreadable images skipped for this batch)."""
+    images, labels, bad = zip(*batch)
+    return default_collate(images), default_collate(labels), [path for paths in bad for path in paths]
+
+
+class TrainSampler(Sampler):
+    """DistributedSampler's per-epoch shuffle, sharded over processes, yielding (index, epoch) keys for
+    TrainSet; `set_epoch(epoch, start_batch)` resumes an epoch after its first start_batch batches."""
+
+    def __init__(self, length, batch_size, seed):
+        self.shard = DistributedSampler(range(length), num_replicas=world_size(), rank=rank(), shuffle=True, seed=seed)
+        self.batch_size = batch_size
+        self.epoch = self.start = 0
+
+    def set_epoch(self, epoch, start_batch=0):
+        self.shard.set_epoch(epoch)
+        self.epoch, self.start = epoch, start_batch * self.batch_size
+
+    @property
+    def batches_per_epoch(self):
+        return len(self.shard) // self.batch_size
+
+    def __iter__(self):
+        return ((i, self.epoch) for i in list(self.shard)[self.start:])
+
+    def __len__(self):
+        return len(self.shard) - self.start
+
+
+def train_loader(folder, batch_size, num_workers, pin_memory, seed):
+    """Loader over a TrainSet with a TrainSampler (call `loader.sampler.set_epoch` every epoch); its own
+    generator keeps it from drawing on the global RNG, which the training step's masking uses."""
+    sampler = TrainSampler(len(folder), batch_size, seed)
+    if sampler.batches_per_epoch < 1:
+        raise UserError(f'the dataset has {len(folder)} images, fewer than one batch of {batch_size} per '
                         f'process x {world_size()} processes; lower --batch_size')
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      pin_memory=pin_memory, drop_last=drop_last, persistent_workers=num_workers > 0)
+    return DataLoader(TrainSet(folder, seed), batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      collate_fn=collate_train, pin_memory=pin_memory, drop_last=True,
+                      persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed))
+
+
+class BadImages:
+    """Unreadable training images met so far: each logged once; past max_frac of the data, the run stops."""
+
+    def __init__(self, dataset_size, max_frac):
+        self.seen, self.size, self.max_frac = set(), dataset_size, max_frac
+
+    def add(self, paths):
+        for path in paths:
+            if path not in self.seen:
+                self.seen.add(path)
+                print(f'[rank {rank()}] skipping unreadable image {path}', flush=True)
+
+    def check(self):
+        """Collective: every process must call it at the same point."""
+        total = all_reduce_sum(len(self.seen))
+        if total > self.max_frac * self.size:
+            example = f' (such as {min(self.seen)})' if self.seen else ''
+            raise UserError(f'{int(total)} of {self.size} training images are unreadable{example}, more than '
+                            f'--max_bad_frac {self.max_frac}; fix the dataset (the log names them) or raise '
+                            f'--max_bad_frac')
+        return total
 
 
 def to_device_normalized(images, device, mean=IMAGENET_MEAN, std=IMAGENET_STD):

@@ -52,12 +52,22 @@ def all_reduce_mean(tensor):
     return tensor
 
 
-def all_reduce_any(flag):
-    """True if the boolean tensor is true on any process."""
-    flag = flag.detach().to(torch.int32)
+def all_reduce_sum(number):
+    """Sum of a Python number over all processes."""
+    if not dist.is_initialized():
+        return number
+    device = torch.device('cuda', torch.cuda.current_device()) if dist.get_backend() == 'nccl' else 'cpu'
+    t = torch.tensor(number, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item()
+
+
+def all_reduce_any(flags):
+    """Element-wise OR of a boolean tensor over all processes, as a list of bools (one host sync)."""
+    flags = flags.detach().to(torch.int32)
     if dist.is_initialized():
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return [bool(f) for f in flags.tolist()]
 
 
 def cleanup():

@@ -1,5 +1,5 @@
 """The training epoch every entry point shares: per-step lr schedule, gradient accumulation without
-all-reduce on the accumulating steps, mixed precision, and logging without a host sync per step."""
+all-reduce on the accumulating steps, mixed precision, and checks without a host sync per step."""
 import contextlib
 import time
 
@@ -10,37 +10,43 @@ from util.distributed import all_reduce_any, all_reduce_mean, world_size
 from util.logger import log
 from util.lr_sched import cosine_lr, set_lr
 from util.precision import autocast
+from util.preemption import StopRequest
 
 
-def train_epoch(model, loader, compute_loss, optimizer, scaler, epoch, args, device, logger):
-    """Run one epoch; `compute_loss(batch)` returns the loss of one batch (called under autocast).
+def train_epoch(model, loader, compute_loss, optimizer, scaler, epoch, args, device, logger,
+                start_iter=0, stop=None, bad_images=None):
+    """Run one epoch from iteration `start_iter`; `compute_loss(batch)` returns one batch's loss (called
+    under autocast). Batches are (images, labels, unreadable paths) from util.data.train_loader.
 
-    Losses stay on the device between log points; a non-finite loss is caught at the next log point, on
-    every process at once, and stops the run before anything is saved. An incomplete accumulation window
-    at the end of the epoch is dropped. Returns {'loss', 'lr', 'images_per_sec'} over all processes.
+    Every --print_freq iterations, at an optimizer-step boundary, all processes agree on: a non-finite loss
+    (stop before anything is saved), a stop request (return early, to be checkpointed), too many unreadable
+    images; and the loss is logged. An incomplete accumulation window at the end of the epoch is dropped.
+    Returns {'loss', 'lr', 'images_per_sec', 'iters_done', 'stopped'}.
     """
     model.train()
     accum = args.accum_iter
-    num_iters = len(loader) // accum * accum
+    num_iters = loader.sampler.batches_per_epoch // accum * accum
     if num_iters == 0:
-        raise UserError(f'--accum_iter {accum} exceeds the {len(loader)} iterations of an epoch; '
-                        f'lower --accum_iter or --batch_size')
+        raise UserError(f'--accum_iter {accum} exceeds the {loader.sampler.batches_per_epoch} iterations of an '
+                        f'epoch; lower --accum_iter or --batch_size')
     steps_per_epoch = num_iters // accum
     images_per_iter = args.batch_size * world_size()
     optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=device)
     window_sum = torch.zeros((), device=device)
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-    window_iters, lr = 0, optimizer.param_groups[0]['lr']
+    window_iters, lr, stopped, it = 0, optimizer.param_groups[0]['lr'], False, start_iter - 1
     epoch_start = window_start = time.time()
 
-    for it, batch in enumerate(loader):
+    for it, batch in enumerate(loader, start=start_iter):
         if it >= num_iters:
             break
         if it % accum == 0:
             lr = cosine_lr(epoch + (it // accum) / steps_per_epoch, args.lr, args.min_lr,
                            args.warmup_epochs, args.epochs)
             set_lr(optimizer, lr)
+        if bad_images is not None:
+            bad_images.add(batch[2])
         update = (it + 1) % accum == 0
         # DDP reads the sync decision in forward, so forward and backward both sit inside no_sync.
         sync = contextlib.nullcontext() if update or not args.distributed else model.no_sync()
@@ -61,17 +67,48 @@ def train_epoch(model, loader, compute_loss, optimizer, scaler, epoch, args, dev
         loss_sum += loss
         window_sum += loss
         window_iters += 1
-        if (it + 1) % args.print_freq == 0 or it + 1 == num_iters:
-            if all_reduce_any(nonfinite):
+        if update and (window_iters >= args.print_freq or it + 1 == num_iters):
+            flags = torch.stack([nonfinite, torch.tensor(stop is not None and stop.requested, device=device)])
+            bad_loss, stopped = all_reduce_any(flags)
+            if bad_loss:
                 raise UserError(f'the loss became NaN or infinite in epoch {epoch}, iteration {it}; nothing '
                                 f'was saved after the last good checkpoint: resume from it with a lower '
                                 f'--blr or --precision fp32')
+            if bad_images is not None:
+                bad_images.check()
             window_loss = all_reduce_mean(window_sum).item() / window_iters
             speed = window_iters * images_per_iter / (time.time() - window_start)
             logger.scalars(epoch * num_iters + it + 1, train_loss=window_loss, lr=lr, images_per_sec=speed)
             log(f'epoch {epoch} [{it + 1}/{num_iters}] loss {window_loss:.4f} lr {lr:.3e} {speed:.1f} img/s')
             window_sum.zero_()
             window_iters, window_start = 0, time.time()
+            if stopped:
+                break
 
-    return {'loss': all_reduce_mean(loss_sum).item() / max(num_iters, 1), 'lr': lr,
-            'images_per_sec': num_iters * images_per_iter / (time.time() - epoch_start)}
+    done = it + 1 - start_iter
+    return {'loss': all_reduce_mean(loss_sum).item() / max(done, 1), 'lr': lr,
+            'images_per_sec': done * images_per_iter / (time.time() - epoch_start),
+            'iters_done': it + 1, 'stopped': stopped}
+
+
+def train_epochs(args, loader, start, run_epoch, after_epoch, save):
+    """The epoch loop of every entry point, from `start` = (epoch, iteration) of a resume.
+
+    run_epoch(epoch, start_iter, stop) -> stats from train_epoch; after_epoch(epoch, stats) evaluates and
+    logs; save(epoch, resume_iter) checkpoints (resume_iter > 0: mid-epoch). On SIGTERM/SIGUSR1 the run
+    saves where it stopped and returns False; rerunning the same command continues from there.
+    """
+    stop = StopRequest().install()
+    start_epoch, start_iter = start
+    for epoch in range(start_epoch, args.epochs):
+        loader.sampler.set_epoch(epoch, start_iter)
+        stats = run_epoch(epoch, start_iter, stop)
+        if stats['stopped']:
+            save(epoch, stats['iters_done'])
+            log(f'stopped in epoch {epoch} after iteration {stats["iters_done"]}, checkpoint saved; run the same '
+                f'command again to continue from there')
+            return False
+        start_iter = 0
+        after_epoch(epoch, stats)
+        save(epoch, 0)
+    return True

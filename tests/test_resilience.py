@@ -1,0 +1,127 @@
+"""Runs that survive: a stop signal mid-epoch, a hard kill, truncated checkpoints, corrupt images, and
+bit-for-bit reproducibility (what a preempted cluster job relies on)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, cli_env, pretrain_argv, run_cli
+
+
+def argv(data, out, *extra):
+    # 4 iterations per epoch, a check (and a possible stop) after every one
+    return pretrain_argv(data, out, '--epochs', '3', '--print_freq', '1', '--use_clip', '--change_decoder',
+                         '--attn_mask', *extra)
+
+
+def final_model(out):
+    return torch.load(os.path.join(out, 'checkpoint-last.pth'), weights_only=True)['model']
+
+
+def assert_same_models(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def losses(out):
+    return [json.loads(line)['train_loss'] for line in open(os.path.join(out, 'log.txt'))]
+
+
+@pytest.fixture(scope='module')
+def reference(tiny_data, tmp_path_factory):
+    """An uninterrupted run, in a fresh process like the interrupted ones."""
+    out = tmp_path_factory.mktemp('reference')
+    result = run_cli(argv(tiny_data, out))
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def interrupt(args, when, sig):
+    """Start the CLI, send `sig` once a line containing `when` is printed, return (exit code, output)."""
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'main_pretrain.py'), *args], cwd=ROOT,
+                            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = []
+    for line in proc.stdout:
+        output.append(line)
+        if when in line:
+            proc.send_signal(sig)
+            break
+    output.append(proc.communicate(timeout=120)[0])
+    return proc.returncode, ''.join(output)
+
+
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGUSR1])
+def test_stop_signal_mid_epoch_saves_and_resumes_to_the_identical_model(tiny_data, tmp_path, reference, sig):
+    out = tmp_path / 'out'
+    code, output = interrupt(argv(tiny_data, out), 'epoch 1 [2/4]', sig)
+    assert code == 0, output
+    assert 'stopped in epoch 1 after iteration' in output
+    ckpt = torch.load(out / 'checkpoint-last.pth', weights_only=True)
+    assert ckpt['epoch'] == 1 and 0 < ckpt['resume_iter'] < 4
+    result = run_cli(argv(tiny_data, out))  # the same command again
+    assert result.returncode == 0, result.stderr
+    assert f'resumed from {out}/checkpoint-last.pth: epoch 1 at iteration {ckpt["resume_iter"]}' in result.stdout
+    assert_same_models(final_model(out), final_model(reference))
+    assert losses(out)[0] == losses(reference)[0]  # epoch 0 ran uninterrupted in both
+
+
+def test_hard_kill_restarts_from_the_last_checkpoint(tiny_data, tmp_path, reference):
+    out = tmp_path / 'out'
+    code, output = interrupt(argv(tiny_data, out), 'epoch 1 [3/4]', signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    assert torch.load(out / 'checkpoint-last.pth', weights_only=True)['epoch'] == 0
+    result = run_cli(argv(tiny_data, out))
+    assert result.returncode == 0, result.stderr
+    assert 'epoch 0 done' in result.stdout and 'resumed from' in result.stdout
+    assert_same_models(final_model(out), final_model(reference))
+
+
+def test_same_seed_same_losses(tiny_data, tmp_path, reference):
+    result = run_cli(argv(tiny_data, tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert losses(tmp_path) == losses(reference)
+    other = run_cli(argv(tiny_data, tmp_path / 'other', '--seed', '1'))
+    assert losses(tmp_path / 'other') != losses(reference), other.stderr
+
+
+def test_truncated_checkpoint_is_refused_and_the_previous_survives(tiny_data, tmp_path, reference):
+    import shutil
+    out = tmp_path / 'out'
+    shutil.copytree(reference, out)
+    last = out / 'checkpoint-last.pth'
+    last.write_bytes(last.read_bytes()[:1000])
+    result = run_cli(argv(tiny_data, out, '--epochs', '4'))
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith(f'error: cannot read checkpoint {last}') and 'truncated' in result.stderr
+    assert torch.load(out / 'checkpoint-2.pth', weights_only=True)['epoch'] == 2  # still there, intact
+
+
+def test_keep_last_and_save_every(tiny_data, tmp_path):
+    result = run_cli(pretrain_argv(tiny_data, tmp_path, '--epochs', '6', '--keep_last', '2', '--save_every', '2'))
+    assert result.returncode == 0, result.stderr
+    numbered = sorted(int(f[11:-4]) for f in os.listdir(tmp_path) if f[11:-4].isdigit())
+    assert numbered == [1, 3, 4, 5]  # every 2nd epoch, and the newest two
+
+
+@pytest.mark.parametrize('fraction,ok', [(0.05, True), (0.5, False)])
+def test_corrupt_images(tiny_data, tmp_path, fraction, ok):
+    import shutil
+    data = tmp_path / 'data'
+    shutil.copytree(tiny_data, data)
+    images = sorted((data / 'train').rglob('*.JPEG'))
+    bad = images[::int(round(1 / fraction))][:max(1, int(len(images) * fraction))]
+    for path in bad:
+        path.write_bytes(b'not a jpeg')
+    result = run_cli(pretrain_argv(str(data), tmp_path / 'out', '--epochs', '2'))
+    if ok:
+        assert result.returncode == 0, result.stderr
+        for path in bad:
+            assert f'skipping unreadable image {path}' in result.stdout
+    else:
+        assert result.returncode == 2
+        assert 'training images are unreadable' in result.stderr and len(result.stderr.strip().splitlines()) == 1
