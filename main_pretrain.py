@@ -107,9 +107,9 @@ def main(args):
     logger = runtime.open_logger(args, start[0])
     bad_images = BadImages(len(dataset), args.max_bad_frac)
 
-    def run_epoch(epoch, start_iter, stop):
+    def run_epoch(epoch, start_iter, stop, save):
         return train_one_epoch(model, teacher, loader, optimizer, scaler, epoch, args, device, logger,
-                               start_iter=start_iter, stop=stop, bad_images=bad_images)
+                               start_iter=start_iter, stop=stop, bad_images=bad_images, save=save)
 
     def after_epoch(epoch, stats):
         logger.epoch({'epoch': epoch, **{f'train_{k}': v for k, v in stats.items() if k != 'stopped'}})
@@ -119,10 +119,11 @@ def main(args):
         save_training(args, epoch, model_without_ddp, optimizer, scaler, KIND, resume_iter)
 
     start_time = time.time()
-    train_epochs(args, loader, start, run_epoch, after_epoch, save)
+    completed = train_epochs(args, loader, start, run_epoch, after_epoch, save)
     logger.close()
     log(f'training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
     cleanup()
+    return {'completed': completed}
 
 
 if __name__ == '__main__':

@@ -70,14 +70,19 @@ def test_stop_signal_mid_epoch_saves_and_resumes_to_the_identical_model(tiny_dat
     assert losses(out)[0] == losses(reference)[0]  # epoch 0 ran uninterrupted in both
 
 
-def test_hard_kill_restarts_from_the_last_checkpoint(tiny_data, tmp_path, reference):
+@pytest.mark.parametrize('periodic', [False, True])
+def test_hard_kill_restarts_from_the_last_checkpoint(tiny_data, tmp_path, reference, periodic):
+    """SIGKILL gives no chance to save: the run restarts from the last epoch-end checkpoint, or with
+    --save_every_min from the last periodic mid-epoch one, and still ends with the identical model."""
     out = tmp_path / 'out'
-    code, output = interrupt(argv(tiny_data, out), 'epoch 1 [3/4]', signal.SIGKILL)
+    extra = ('--save_every_min', '1e-6') if periodic else ()
+    code, output = interrupt(argv(tiny_data, out, *extra), 'epoch 1 [3/4]', signal.SIGKILL)
     assert code == -signal.SIGKILL
-    assert torch.load(out / 'checkpoint-last.pth', weights_only=True)['epoch'] == 0
-    result = run_cli(argv(tiny_data, out))
+    ckpt = torch.load(out / 'checkpoint-last.pth', weights_only=True)
+    assert (ckpt['epoch'], ckpt['resume_iter'] > 0) == ((1, True) if periodic else (0, False))
+    result = run_cli(argv(tiny_data, out, *extra))
     assert result.returncode == 0, result.stderr
-    assert 'epoch 0 done' in result.stdout and 'resumed from' in result.stdout
+    assert 'resumed from' in result.stdout
     assert_same_models(final_model(out), final_model(reference))
 
 

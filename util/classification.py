@@ -60,6 +60,7 @@ def run(args, kind, build_model, build_optimizer, train_transform, criterion, mi
     """Build data and model, then evaluate (--eval) or train with evaluation after every epoch.
 
     build_model(args) -> model on the CPU (pretrained weights loaded); build_optimizer(args, model).
+    Returns the last evaluation's stats, best_acc1 and whether training completed (not stopped by a signal).
     """
     validate_args(args)
     device = runtime.start(args)
@@ -95,9 +96,9 @@ def run(args, kind, build_model, build_optimizer, train_transform, criterion, mi
     logger = runtime.open_logger(args, start[0])
     bad_images = BadImages(len(train_set), args.max_bad_frac)
 
-    def run_epoch(epoch, start_iter, stop):
+    def run_epoch(epoch, start_iter, stop, save):
         return train_one_epoch(model, criterion, loader, optimizer, scaler, epoch, args, device, logger, mixup,
-                               start_iter=start_iter, stop=stop, bad_images=bad_images)
+                               start_iter=start_iter, stop=stop, bad_images=bad_images, save=save)
 
     def after_epoch(epoch, train_stats):
         nonlocal best
@@ -118,8 +119,8 @@ def run(args, kind, build_model, build_optimizer, train_transform, criterion, mi
         save_training(args, epoch, model_without_ddp, optimizer, scaler, kind, resume_iter, {'best_acc1': best})
 
     start_time = time.time()
-    train_epochs(args, loader, start, run_epoch, after_epoch, save)
+    completed = train_epochs(args, loader, start, run_epoch, after_epoch, save)
     logger.close()
     log(f'training time {datetime.timedelta(seconds=int(time.time() - start_time))}; best top-1 {best:.2f}%')
     cleanup()
-    return {**last, 'best_acc1': best}
+    return {**last, 'best_acc1': best, 'completed': completed}

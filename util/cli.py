@@ -17,9 +17,10 @@ def one_line(exc):
 
 
 def run(main, args):
-    """Run an entry point; a UserError ends the process with `error: ...` on stderr and exit code 2."""
+    """Run an entry point and return its result; a UserError ends the process with `error: ...` on stderr
+    and exit code 2."""
     try:
-        main(args)
+        return main(args)
     except UserError as e:
         print(f'error: {one_line(e)}', file=sys.stderr, flush=True)
         sys.exit(2)
@@ -51,6 +52,8 @@ def add_common_args(parser):
     g.add_argument('--pin_mem', action='store_true', default=True, help='pin CPU memory for faster GPU copies')
     g.add_argument('--no_pin_mem', action='store_false', dest='pin_mem')
     g.add_argument('--save_every', type=int, default=20, help='keep a numbered checkpoint every N epochs')
+    g.add_argument('--save_every_min', type=float, default=30,
+                   help='also checkpoint mid-epoch when this many minutes passed since the last save')
     g.add_argument('--keep_last', type=int, default=2, help='also keep the newest N numbered checkpoints')
     g.add_argument('--max_bad_frac', type=float, default=0.1,
                    help='unreadable training images are skipped and logged; past this fraction the run stops')
@@ -96,6 +99,7 @@ def validate_common(args):
           f'--warmup_epochs {args.warmup_epochs} must be between 0 and --epochs {args.epochs}; lower it')
     check(min(args.save_every, args.print_freq, args.keep_last) >= 1,
           '--save_every, --keep_last and --print_freq must be at least 1')
+    check(args.save_every_min > 0, f'--save_every_min must be positive, got {args.save_every_min}')
     check(0 <= args.max_bad_frac < 1, f'--max_bad_frac must be in [0, 1), got {args.max_bad_frac}')
     check(not args.resume or os.path.isfile(args.resume), f'--resume {args.resume}: no such file')
 

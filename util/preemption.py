@@ -1,10 +1,11 @@
-"""Preemption: SIGTERM and SIGUSR1 (what SLURM and most schedulers send before killing a job) ask the run
-to stop at the next step boundary with a checkpoint, instead of dying mid-step."""
+"""Preemption: SIGTERM and SIGUSR1 (what SLURM and most schedulers send before killing a job), and SIGUSR2
+(submitit's time-limit signal) ask the run to stop at the next step boundary with a checkpoint, instead
+of dying mid-step."""
 import signal
 
 from util.logger import log
 
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
 class StopRequest:

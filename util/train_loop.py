@@ -6,7 +6,7 @@ import time
 import torch
 
 from util.cli import UserError
-from util.distributed import all_reduce_any, all_reduce_mean, world_size
+from util.distributed import all_reduce_any, all_reduce_mean, is_main, world_size
 from util.logger import log
 from util.lr_sched import cosine_lr, set_lr
 from util.precision import autocast
@@ -14,14 +14,15 @@ from util.preemption import StopRequest
 
 
 def train_epoch(model, loader, compute_loss, optimizer, scaler, epoch, args, device, logger,
-                start_iter=0, stop=None, bad_images=None):
+                start_iter=0, stop=None, bad_images=None, save=None):
     """Run one epoch from iteration `start_iter`; `compute_loss(batch)` returns one batch's loss (called
     under autocast). Batches are (images, labels, unreadable paths) from util.data.train_loader.
 
     Every --print_freq iterations, at an optimizer-step boundary, all processes agree on: a non-finite loss
-    (stop before anything is saved), a stop request (return early, to be checkpointed), too many unreadable
-    images; and the loss is logged. An incomplete accumulation window at the end of the epoch is dropped.
-    Returns {'loss', 'lr', 'images_per_sec', 'iters_done', 'stopped'}.
+    (stop before anything is saved), a stop request (return early, to be checkpointed), whether
+    --save_every_min minutes passed since the last save (then `save(epoch, iters_done)` runs), too many
+    unreadable images; and the loss is logged. An incomplete accumulation window at the end of the epoch
+    is dropped. Returns {'loss', 'lr', 'images_per_sec', 'iters_done', 'stopped'}.
     """
     model.train()
     accum = args.accum_iter
@@ -36,7 +37,7 @@ def train_epoch(model, loader, compute_loss, optimizer, scaler, epoch, args, dev
     window_sum = torch.zeros((), device=device)
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     window_iters, lr, stopped, it = 0, optimizer.param_groups[0]['lr'], False, start_iter - 1
-    epoch_start = window_start = time.time()
+    epoch_start = window_start = last_save = time.time()
 
     for it, batch in enumerate(loader, start=start_iter):
         if it >= num_iters:
@@ -68,8 +69,10 @@ def train_epoch(model, loader, compute_loss, optimizer, scaler, epoch, args, dev
         window_sum += loss
         window_iters += 1
         if update and (window_iters >= args.print_freq or it + 1 == num_iters):
-            flags = torch.stack([nonfinite, torch.tensor(stop is not None and stop.requested, device=device)])
-            bad_loss, stopped = all_reduce_any(flags)
+            # the main process's clock decides when a periodic save is due, so all processes save together
+            save_due = save is not None and is_main() and time.time() - last_save > 60 * args.save_every_min
+            requests = torch.tensor([stop is not None and stop.requested, save_due], device=device)
+            bad_loss, stopped, save_due = all_reduce_any(torch.cat([nonfinite[None], requests]))
             if bad_loss:
                 raise UserError(f'the loss became NaN or infinite in epoch {epoch}, iteration {it}; nothing '
                                 f'was saved after the last good checkpoint: resume from it with a lower '
@@ -80,6 +83,9 @@ def train_epoch(model, loader, compute_loss, optimizer, scaler, epoch, args, dev
             speed = window_iters * images_per_iter / (time.time() - window_start)
             logger.scalars(epoch * num_iters + it + 1, train_loss=window_loss, lr=lr, images_per_sec=speed)
             log(f'epoch {epoch} [{it + 1}/{num_iters}] loss {window_loss:.4f} lr {lr:.3e} {speed:.1f} img/s')
+            if save_due and not stopped and it + 1 < num_iters:
+                save(epoch, it + 1)
+                last_save = time.time()
             window_sum.zero_()
             window_iters, window_start = 0, time.time()
             if stopped:
@@ -94,15 +100,15 @@ def train_epoch(model, loader, compute_loss, optimizer, scaler, epoch, args, dev
 def train_epochs(args, loader, start, run_epoch, after_epoch, save):
     """The epoch loop of every entry point, from `start` = (epoch, iteration) of a resume.
 
-    run_epoch(epoch, start_iter, stop) -> stats from train_epoch; after_epoch(epoch, stats) evaluates and
-    logs; save(epoch, resume_iter) checkpoints (resume_iter > 0: mid-epoch). On SIGTERM/SIGUSR1 the run
+    run_epoch(epoch, start_iter, stop, save) -> stats from train_epoch; after_epoch(epoch, stats) evaluates
+    and logs; save(epoch, resume_iter) checkpoints (resume_iter > 0: mid-epoch). On a stop signal the run
     saves where it stopped and returns False; rerunning the same command continues from there.
     """
     stop = StopRequest().install()
     start_epoch, start_iter = start
     for epoch in range(start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch, start_iter)
-        stats = run_epoch(epoch, start_iter, stop)
+        stats = run_epoch(epoch, start_iter, stop, save)
         if stats['stopped']:
             save(epoch, stats['iters_done'])
             log(f'stopped in epoch {epoch} after iteration {stats["iters_done"]}, checkpoint saved; run the same '

@@ -1,0 +1,50 @@
+"""The submitit launchers: flags, the job environment, requeue on a signal-stopped run."""
+import os
+
+import pytest
+import submitit
+
+import main_pretrain
+from conftest import pretrain_argv
+from util import slurm
+
+
+@pytest.fixture(autouse=True)
+def restore_dist_env(monkeypatch):
+    """The job function writes the torch.distributed variables into os.environ: undo that after each test."""
+    for key in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'):
+        monkeypatch.setenv(key, '')
+        monkeypatch.delenv(key)
+
+
+def test_submitit_job_trains_and_completes(tiny_data, tmp_path):
+    """submitit's debug executor runs the real job function in this process, with its job environment."""
+    out = tmp_path / 'out'
+    job = slurm.submit(main_pretrain, 'milan_pretrain',
+                       pretrain_argv(tiny_data, out, '--cluster', 'debug', '--ngpus', '1'))
+    assert job.result() == {'completed': True}
+    assert (out / 'checkpoint-last.pth').exists() and (out / 'submitit').is_dir()
+
+
+def test_checkpoint_hook_requeues_the_same_run(tiny_data, tmp_path):
+    args = main_pretrain.get_args_parser().parse_args(pretrain_argv(tiny_data, tmp_path))
+    trainer = slurm.Trainer(main_pretrain.main, args)
+    delayed = trainer.checkpoint()
+    assert isinstance(delayed, submitit.helpers.DelayedSubmission)
+    assert delayed.function.main is main_pretrain.main and delayed.function.args is args
+
+
+def test_signal_stopped_run_requeues_itself(tmp_path, monkeypatch):
+    calls = []
+
+    class FakeEnv:
+        global_rank, num_tasks, local_rank, hostnames, job_id = 0, 1, 0, ['node1'], '4242'
+
+    monkeypatch.setattr(submitit, 'JobEnvironment', FakeEnv)
+    monkeypatch.setattr(slurm.subprocess, 'check_call', lambda cmd, timeout: calls.append(cmd))
+    monkeypatch.setenv('SLURM_JOB_ID', '4242')
+    slurm.Trainer(lambda args: {'completed': False}, None)()
+    assert calls == [['scontrol', 'requeue', '4242']]
+    assert (os.environ['RANK'], os.environ['WORLD_SIZE'], os.environ['MASTER_ADDR']) == ('0', '1', 'node1')
+    slurm.Trainer(lambda args: {'completed': True}, None)()
+    assert len(calls) == 1  # a finished run is not requeued
