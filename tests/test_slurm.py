@@ -48,3 +48,21 @@ def test_signal_stopped_run_requeues_itself(tmp_path, monkeypatch):
     assert (os.environ['RANK'], os.environ['WORLD_SIZE'], os.environ['MASTER_ADDR']) == ('0', '1', 'node1')
     slurm.Trainer(lambda args: {'completed': True}, None)()
     assert len(calls) == 1  # a finished run is not requeued
+
+
+def test_srun_without_a_launcher_reads_slurm_variables(monkeypatch, tmp_path):
+    """`srun python main_pretrain.py ...`: ranks from SLURM, the rendezvous host from scontrol."""
+    import argparse
+
+    from util import distributed
+    fake = tmp_path / 'scontrol'
+    fake.write_text('#!/bin/sh\necho gpu-node-07\necho gpu-node-08\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv('PATH', f'{tmp_path}:{os.environ["PATH"]}')
+    for key, value in dict(SLURM_PROCID='3', SLURM_NTASKS='16', SLURM_LOCALID='3', SLURM_JOB_ID='123456',
+                           SLURM_JOB_NODELIST='gpu-node-[07-08]').items():
+        monkeypatch.setenv(key, value)
+    args = argparse.Namespace(local_rank=0)
+    distributed._from_slurm(args)
+    assert (args.rank, args.world_size, args.local_rank) == (3, 16, 3)
+    assert os.environ['MASTER_ADDR'] == 'gpu-node-07' and os.environ['MASTER_PORT'] == str(20000 + 123456 % 20000)

@@ -1,6 +1,7 @@
 """Process-group setup for a plain process, torchrun (env://) and `torch.distributed.launch --use_env`,
 plus the few collectives the training loops need."""
 import os
+import subprocess
 
 import torch
 import torch.distributed as dist
@@ -14,6 +15,8 @@ def init_distributed(args):
         args.rank = int(os.environ['RANK'])
         args.world_size = int(os.environ['WORLD_SIZE'])
         args.local_rank = int(os.environ.get('LOCAL_RANK', args.local_rank))
+    elif int(os.environ.get('SLURM_NTASKS', 1)) > 1 and 'SLURM_PROCID' in os.environ:
+        _from_slurm(args)
     else:
         args.rank, args.world_size, args.local_rank = 0, 1, 0
     args.distributed = args.world_size > 1
@@ -33,6 +36,18 @@ def init_distributed(args):
 
 def is_main():
     return rank() == 0
+
+
+def _from_slurm(args):
+    """`srun python main_*.py` without a launcher: one task per GPU, rendezvous at the first node."""
+    args.rank = int(os.environ['SLURM_PROCID'])
+    args.world_size = int(os.environ['SLURM_NTASKS'])
+    args.local_rank = int(os.environ.get('SLURM_LOCALID', 0))
+    if 'MASTER_ADDR' not in os.environ:
+        nodes = subprocess.run(['scontrol', 'show', 'hostnames', os.environ['SLURM_JOB_NODELIST']],
+                               capture_output=True, text=True, check=True).stdout.split()
+        os.environ['MASTER_ADDR'] = nodes[0]
+    os.environ.setdefault('MASTER_PORT', str(20000 + int(os.environ.get('SLURM_JOB_ID', 0)) % 20000))
 
 
 def rank():
