@@ -5,6 +5,7 @@ import datetime
 import time
 
 import models_milan
+import visualize
 from engine_pretrain import train_one_epoch
 from util import cli, runtime
 from util.checkpoint import resume_training, save_training
@@ -44,6 +45,9 @@ def get_args_parser():
     g.add_argument('--clip_cache', default=cli.cache_dir('clip'), help='where named CLIP models are downloaded')
     g.add_argument('--average_targets', type=int, default=1,
                    help='average the teacher outputs of the last K blocks as the target')
+    g.add_argument('--vis_every', type=int, default=20,
+                   help='every N epochs, visualize.py\'s panels for a few fixed images go to TensorBoard (0: off)')
+    g.add_argument('--vis_images', type=int, default=4, help='how many images those panels show')
     g.add_argument('--teacher_input_norm', default='imagenet', choices=['imagenet', 'clip'],
                    help='normalisation of the teacher\'s input (the released code used ImageNet\'s)')
     return parser
@@ -57,6 +61,7 @@ def validate_args(args):
     check(not (args.norm_pix_loss and args.use_clip),
           '--norm_pix_loss applies to the pixel target only: drop it or drop --use_clip')
     check(args.average_targets == 1 or args.use_clip, '--average_targets needs --use_clip')
+    check(args.vis_every >= 0 and args.vis_images >= 1, '--vis_every must be >= 0 and --vis_images >= 1')
     check(args.average_targets >= 1, f'--average_targets must be at least 1, got {args.average_targets}')
 
 
@@ -106,6 +111,9 @@ def main(args):
     start, _ = resume_training(args, model_without_ddp, optimizer, scaler, KIND, same_flags=RESUME_FLAGS)
     logger = runtime.open_logger(args, start[0])
     bad_images = BadImages(len(dataset), args.max_bad_frac)
+    # the same few images every time, so TensorBoard shows how masks, losses and attention evolve
+    vis_images = visualize.load_images([path for path, _ in dataset.samples[::max(1, len(dataset) // args.vis_images)]
+                                        [:args.vis_images]], args.input_size) if logger.writer else None
 
     def run_epoch(epoch, start_iter, stop, save):
         return train_one_epoch(model, teacher, loader, optimizer, scaler, epoch, args, device, logger,
@@ -114,6 +122,10 @@ def main(args):
     def after_epoch(epoch, stats):
         logger.epoch({'epoch': epoch, **{f'train_{k}': v for k, v in stats.items() if k != 'stopped'}})
         log(f'epoch {epoch} done: loss {stats["loss"]:.4f}, {stats["images_per_sec"]:.1f} img/s')
+        if logger.writer and args.vis_every and ((epoch + 1) % args.vis_every == 0 or epoch + 1 == args.epochs):
+            grids = visualize.panels(model_without_ddp, teacher, vis_images.to(device), args.mask_ratio,
+                                     teacher_input_norm=args.teacher_input_norm).grids
+            logger.writer.add_images('panels', grids, epoch, dataformats='NHWC')
 
     def save(epoch, resume_iter):
         save_training(args, epoch, model_without_ddp, optimizer, scaler, KIND, resume_iter)

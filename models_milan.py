@@ -37,22 +37,32 @@ def patchify(imgs, patch_size):
     return x.permute(0, 2, 4, 3, 5, 1).reshape(b, gh * gw, patch_size * patch_size * c)
 
 
-def clip_feature_loss(pred, target):
-    """Mean over every token of every image of 2 - 2 cos(pred, target)."""
+def clip_token_losses(pred, target):
+    """2 - 2 cos(pred, target) of every token: [B, N]."""
     pred = F.normalize(pred.float(), dim=-1)
     target = F.normalize(target.float(), dim=-1)
-    return (2 - 2 * (pred * target).sum(dim=-1)).mean()
+    return 2 - 2 * (pred * target).sum(dim=-1)
 
 
-def pixel_loss(pred, target, mask, norm_pix_loss):
-    """Per-patch mean squared error averaged over the masked patches (mask: 1 = masked)."""
+def clip_feature_loss(pred, target):
+    """Mean over every token of every image (class, visible and masked) of 2 - 2 cos(pred, target)."""
+    return clip_token_losses(pred, target).mean()
+
+
+def pixel_patch_losses(pred, target, norm_pix_loss):
+    """Mean squared error of every patch: [B, L]; with norm_pix_loss each target patch is normalised by its
+    own mean and unbiased variance."""
     target = target.float()
     if norm_pix_loss:
         mean = target.mean(dim=-1, keepdim=True)
         var = target.var(dim=-1, keepdim=True)
         target = (target - mean) / (var + 1e-6) ** 0.5
-    per_patch = ((pred.float() - target) ** 2).mean(dim=-1)
-    return (per_patch * mask).sum() / mask.sum()
+    return ((pred.float() - target) ** 2).mean(dim=-1)
+
+
+def pixel_loss(pred, target, mask, norm_pix_loss):
+    """Per-patch mean squared error averaged over the masked patches (mask: 1 = masked)."""
+    return (pixel_patch_losses(pred, target, norm_pix_loss) * mask).sum() / mask.sum()
 
 
 class PromptAttention(nn.Module):

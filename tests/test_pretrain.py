@@ -28,7 +28,12 @@ def test_demo_defaults_need_no_dataset(tmp_path, capsys):
     log = capsys.readouterr().out
     assert 'RANDOM weights' in log and 'effective batch 32' in log
     assert sorted(f for f in os.listdir(out) if f.endswith('.pth')) == ['checkpoint-0.pth', 'checkpoint-last.pth']
-    assert any(f.startswith('events.out.tfevents') for f in os.listdir(out))
+    events = [f for f in os.listdir(out) if f.startswith('events.out.tfevents')]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    tb = EventAccumulator(str(out / events[0]))
+    tb.Reload()
+    assert {'train_loss', 'lr', 'images_per_sec'} <= set(tb.Tags()['scalars'])
+    assert [image.step for image in tb.Images('panels')] == [0]  # the last epoch's visualisation panels
     stats = [json.loads(line) for line in open(out / 'log.txt')]
     assert [s['epoch'] for s in stats] == [0] and stats[0]['train_loss'] > 0
     ckpt = torch.load(out / 'checkpoint-last.pth', weights_only=True)

@@ -1,6 +1,7 @@
 """The training epoch every entry point shares: per-step lr schedule, gradient accumulation without
 all-reduce on the accumulating steps, mixed precision, and checks without a host sync per step."""
 import contextlib
+import datetime
 import time
 
 import torch
@@ -11,6 +12,10 @@ from util.logger import log
 from util.lr_sched import cosine_lr, set_lr
 from util.precision import autocast
 from util.preemption import StopRequest
+
+
+def _hms(seconds):
+    return str(datetime.timedelta(seconds=int(seconds)))
 
 
 def train_epoch(model, loader, compute_loss, optimizer, scaler, epoch, args, device, logger,
@@ -82,7 +87,10 @@ def train_epoch(model, loader, compute_loss, optimizer, scaler, epoch, args, dev
             window_loss = all_reduce_mean(window_sum).item() / window_iters
             speed = window_iters * images_per_iter / (time.time() - window_start)
             logger.scalars(epoch * num_iters + it + 1, train_loss=window_loss, lr=lr, images_per_sec=speed)
-            log(f'epoch {epoch} [{it + 1}/{num_iters}] loss {window_loss:.4f} lr {lr:.3e} {speed:.1f} img/s')
+            left = num_iters - it - 1
+            per_iter = images_per_iter / speed
+            log(f'epoch {epoch} [{it + 1}/{num_iters}] loss {window_loss:.4f} lr {lr:.3e} {speed:.1f} img/s, '
+                f'eta epoch {_hms(left * per_iter)} run {_hms((left + (args.epochs - epoch - 1) * num_iters) * per_iter)}')
             if save_due and not stopped and it + 1 < num_iters:
                 save(epoch, it + 1)
                 last_save = time.time()

@@ -1,0 +1,249 @@
+"""What a MILAN pretraining checkpoint does, one PNG per image with five panels side by side:
+
+  image | mask | teacher attn | loss | student attn
+
+(a) the image, resized and centre-cropped as evaluation does; (b) the semantic-aware mask: masked patches
+grey, visible ones untouched, drawn from the teacher's importance (random masking when there is no
+teacher); (c) the teacher's class-token attention to the patches; (d) the per-patch loss of the student's
+prediction under that mask (2 - 2cos for the CLIP target, MSE for pixels) on the masked patches, visible
+patches drawn at zero (the colour map's darkest end); (e) the student's last-block class-token attention
+with every patch visible. Heat maps are scaled per image: attention from its minimum to its maximum, loss
+from zero to its maximum.
+
+    python visualize.py --checkpoint output_demo/pretrain/checkpoint-last.pth --out_dir vis
+
+`panels` renders the same grids for TensorBoard: writer.add_images(tag, grids, step, dataformats='NHWC').
+"""
+import argparse
+import os
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torchvision import transforms
+from torchvision.transforms import InterpolationMode
+
+import main_pretrain
+import models_milan
+from engine_pretrain import teacher_view
+from tools.checkpoint_tools import model_state, read_checkpoint
+from util import cli
+from util.checkpoint import load_model_state
+from util.cli import UserError
+from util.data import load_rgb, to_device_normalized
+from util.demo_data import ensure_demo_dataset
+from util.logger import log
+
+PAD = 4  # pixels around and between panels
+LABEL_H = 14  # label band above the panels
+GREY = 40  # masked patches in panel (b): dark, so they stand out from grey backgrounds
+EXTENSIONS = ('.jpg', '.jpeg', '.png')
+# Viridis-like anchors (dark purple -> blue -> green -> yellow), interpolated into a 256-entry table.
+_ANCHORS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64)
+COLORMAP = np.stack([np.interp(np.linspace(0, 1, 256), np.linspace(0, 1, len(_ANCHORS)), _ANCHORS[:, c])
+                     for c in range(3)], axis=1).round().astype(np.uint8)
+
+
+class Panels(NamedTuple):
+    grids: np.ndarray  # uint8 [N, LABEL_H + size + 2 * PAD, 5 * size + 6 * PAD, 3], size = input size x zoom
+    mask: torch.Tensor  # [N, L], 1 = masked, in image order
+
+
+def load_pretrain_checkpoint(path, clip_model=None, clip_cache=None):
+    """(model in eval mode, teacher or None, the checkpoint's args) as main_pretrain built them. `clip_model`
+    overrides the checkpoint's teacher; a pixel-target checkpoint gets a teacher only when one is named."""
+    ckpt = read_checkpoint(path)
+    if ckpt.get('kind') != 'pretrain':
+        raise UserError(f'{path} is not a pretraining checkpoint of this repository (kind {ckpt.get("kind")!r}); '
+                        f'convert a released MAE/MILAN file with `python -m tools.checkpoint_tools import-mae`')
+    state = model_state(ckpt, path)
+    defaults = vars(main_pretrain.get_args_parser().parse_args([]))
+    args = {**defaults, **ckpt.get('args', {})}
+    use_clip = bool(args['use_clip'])
+    model = models_milan.create_model(
+        args['model'], img_size=args['input_size'], target='clip' if use_clip else 'pixel',
+        target_dim=state['decoder_pred.weight'].shape[0], prompting_decoder=args['change_decoder'],
+        norm_pix_loss=args['norm_pix_loss'])
+    load_model_state(model, state, path)
+    model.eval()
+
+    teacher_args = argparse.Namespace(use_clip=use_clip or clip_model is not None,
+                                      clip_model=clip_model or args['clip_model'],
+                                      clip_cache=clip_cache or cli.cache_dir('clip'),
+                                      average_targets=args['average_targets'])
+    teacher = main_pretrain.build_teacher(teacher_args, model.patch_size, model.grid_size)
+    if use_clip and teacher.output_dim != model.decoder_pred.out_features:
+        raise UserError(f'the teacher {teacher_args.clip_model} gives {teacher.output_dim}-d targets but {path} '
+                        f'predicts {model.decoder_pred.out_features}-d ones; pass the --clip_model it was trained with')
+    return model, teacher, args
+
+
+def _heat(values, grid, patch, lower=None):
+    """[N, L] -> uint8 [N, grid*patch, grid*patch, 3]: scaled to [0, 1] per image (from `lower`, default the
+    minimum, to the maximum), coloured, each patch a block."""
+    values = values.float().cpu()
+    lo = values.amin(1, keepdim=True) if lower is None else torch.full_like(values[:, :1], lower)
+    span = (values.amax(1, keepdim=True) - lo).clamp_min(1e-12)
+    index = ((values - lo) / span * 255).round().clamp(0, 255).long().numpy()
+    return _blocks(COLORMAP[index].reshape(-1, grid, grid, 3), patch)
+
+
+def _blocks(per_patch, patch):
+    """[N, g, g, ...] -> [N, g*patch, g*patch, ...] by repeating each patch's value."""
+    return per_patch.repeat(patch, axis=1).repeat(patch, axis=2)
+
+
+def _per_patch_loss(model, images, pred, targets):
+    """[N, L] loss of each patch token, as the model's loss computes it before averaging."""
+    if model.target == 'clip':
+        return models_milan.clip_token_losses(pred[:, 1:], targets[:, 1:])
+    return models_milan.pixel_patch_losses(pred, models_milan.patchify(images, model.patch_size), model.norm_pix_loss)
+
+
+def _student_attention(model, images):
+    """[N, L] head-averaged class-token attention to the patches in the last encoder block, all patches visible:
+    the block's attention input is captured by a hook and q, k are recomputed from its qkv projection."""
+    attn = model.blocks[-1].attn
+    captured = []
+    hook = attn.register_forward_pre_hook(lambda module, inputs: captured.append(inputs[0]))
+    try:
+        ids = torch.arange(model.num_patches, device=images.device).expand(images.shape[0], -1)
+        model.forward_encoder(images, ids, model.num_patches)
+    finally:
+        hook.remove()
+    x = captured[0]
+    b, n, _ = x.shape
+    q, k, _ = attn.qkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    probs = ((q[:, :, :1] @ k.transpose(-2, -1)) * attn.scale).softmax(-1)  # [B, heads, 1, N]
+    return probs.mean(1)[:, 0, 1:]
+
+
+@torch.no_grad()
+def panels(model, teacher, images, mask_ratio=0.75, seed=0, teacher_input_norm='imagenet', zoom=1):
+    """The five panels of each image, side by side with labels, and the mask drawn for them.
+
+    model: a MilanViT (unwrapped from DDP; its train/eval mode is restored); teacher: its ClipTeacher on the
+    same device, or None (random masking, blank panel c); images: uint8 [N, 3, S, S]. The mask is drawn
+    under `seed` without touching the global RNG. zoom > 1 enlarges each panel (nearest neighbour).
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        x = to_device_normalized(images, device)
+        targets = importance = None
+        if teacher is not None:
+            targets, importance = teacher(teacher_view(x, teacher_input_norm))
+        with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else [], device_type=device.type):
+            torch.manual_seed(seed)
+            _, pred, mask = model(x, targets if model.target == 'clip' else None, importance, mask_ratio)
+        loss = _per_patch_loss(model, x, pred, targets) * mask
+        student = _student_attention(model, x)
+    finally:
+        model.train(was_training)
+
+    grid, patch = model.grid_size, model.patch_size
+    image = images.permute(0, 2, 3, 1).cpu().numpy()
+    masked = _blocks(mask.bool().cpu().numpy().reshape(-1, grid, grid), patch)
+    teacher_map = (_heat(importance, grid, patch) if importance is not None
+                   else np.full_like(image, GREY))
+    columns = [image, np.where(masked[..., None], np.uint8(GREY), image), teacher_map,
+               _heat(loss, grid, patch, lower=0.0), _heat(student, grid, patch)]
+    labels = ['image', f'mask {mask_ratio:.0%}', 'teacher attn' if teacher is not None else 'no teacher',
+              'loss (masked)', 'student attn']
+    return Panels(np.stack([_compose([c[i] for c in columns], labels, zoom) for i in range(len(image))]), mask.cpu())
+
+
+def _compose(columns, labels, zoom):
+    """One uint8 [H, W, 3] grid: a white canvas, a label band, the panels left to right."""
+    size = columns[0].shape[0] * zoom
+    canvas = Image.new('RGB', (len(columns) * (size + PAD) + PAD, LABEL_H + size + 2 * PAD), 'white')
+    font = ImageFont.load_default(size=LABEL_H - 3)
+    for i, (column, label) in enumerate(zip(columns, labels)):
+        x = PAD + i * (size + PAD)
+        canvas.paste(Image.fromarray(column).resize((size, size), Image.NEAREST), (x, PAD + LABEL_H))
+        text = Image.new('RGB', (size, LABEL_H), 'white')  # its own strip, so a long label is cut at the panel
+        ImageDraw.Draw(text).text((0, 0), label, fill='black', font=font)
+        canvas.paste(text, (x, PAD))
+    return np.asarray(canvas)
+
+
+def image_paths(sources, count):
+    """Files as given, folders searched recursively; `count` of them evenly spread over the sorted list, so a
+    class-per-folder dataset shows several classes."""
+    paths = []
+    for source in sources:
+        if os.path.isdir(source):
+            paths += sorted(os.path.join(d, f) for d, _, files in os.walk(source) for f in files
+                            if f.lower().endswith(EXTENSIONS))
+        elif os.path.isfile(source):
+            paths.append(source)
+        else:
+            raise UserError(f'--images {source}: no such file or folder')
+    if not paths:
+        raise UserError(f'no .jpg/.jpeg/.png images under {" ".join(sources)}')
+    paths = paths[::max(1, len(paths) // count)][:count]
+    stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    repeated = sorted({s for s in stems if stems.count(s) > 1})
+    if repeated:
+        raise UserError(f'several images are named {repeated[0]}; their PNGs would overwrite each other, '
+                        f'pass them separately')
+    return paths
+
+
+def load_images(paths, size):
+    """uint8 [N, 3, size, size]: resized to size / 0.875 and centre-cropped, the geometry of evaluation."""
+    prepare = transforms.Compose([transforms.Resize(int(size / 0.875), interpolation=InterpolationMode.BICUBIC),
+                                  transforms.CenterCrop(size), transforms.PILToTensor()])
+    return torch.stack([prepare(load_rgb(p)) for p in paths])
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser('MILAN visualisation', description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--checkpoint', required=True, help='a pretraining checkpoint (kind "pretrain")')
+    parser.add_argument('--clip_model', default=None,
+                        help='teacher to use instead of the checkpoint\'s (name, TorchScript or state-dict file)')
+    parser.add_argument('--clip_cache', default=None, help='where named CLIP models are downloaded')
+    parser.add_argument('--images', nargs='+', default=None,
+                        help='image files or folders (searched recursively); default: the demo val images')
+    parser.add_argument('--num_images', type=int, default=8)
+    parser.add_argument('--out_dir', required=True, help='one <image stem>.png per image')
+    parser.add_argument('--mask_ratio', type=float, default=None, help='default: the checkpoint\'s')
+    parser.add_argument('--seed', type=int, default=0,
+                        help='seed of the masks (each batch of images uses seed + its first image\'s index)')
+    parser.add_argument('--zoom', type=int, default=1, help='enlarge each panel this many times')
+    parser.add_argument('--batch_size', type=int, default=16)
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    return parser
+
+
+def main(args):
+    cli.check(args.num_images >= 1 and args.batch_size >= 1 and args.zoom >= 1,
+              '--num_images, --batch_size and --zoom must be at least 1')
+    cli.check(args.mask_ratio is None or 0 < args.mask_ratio < 1, '--mask_ratio must be between 0 and 1 (exclusive)')
+    model, teacher, ckpt_args = load_pretrain_checkpoint(args.checkpoint, args.clip_model, args.clip_cache)
+    mask_ratio = ckpt_args['mask_ratio'] if args.mask_ratio is None else args.mask_ratio
+    cli.check(model.num_visible(mask_ratio) >= 1, f'--mask_ratio {mask_ratio} leaves no visible patch')
+    if (args.clip_model or ckpt_args['clip_model']) == 'random' and teacher is not None:
+        log('the random teacher\'s attention, the masks drawn from it and the CLIP loss carry no meaning')
+    device = torch.device(args.device)
+    model.to(device)
+    if teacher is not None:
+        teacher.to(device)
+    paths = image_paths(args.images or [os.path.join(ensure_demo_dataset(), 'val')], args.num_images)
+    os.makedirs(args.out_dir, exist_ok=True)
+    for start in range(0, len(paths), args.batch_size):
+        batch = paths[start:start + args.batch_size]
+        grids = panels(model, teacher, load_images(batch, ckpt_args['input_size']), mask_ratio, args.seed + start,
+                       ckpt_args['teacher_input_norm'], args.zoom).grids
+        for path, grid in zip(batch, grids):
+            out = os.path.join(args.out_dir, os.path.splitext(os.path.basename(path))[0] + '.png')
+            Image.fromarray(grid).save(out)
+    log(f'{len(paths)} PNG file(s) in {args.out_dir}: image | mask | teacher attn | loss | student attn')
+
+
+if __name__ == '__main__':
+    cli.run(main, get_args_parser().parse_args())
