@@ -61,6 +61,9 @@ def load_checkpoint(path, kind):
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
+        if 'Namespace' in str(e):
+            raise UserError(f'{path} is a released MAE/MILAN checkpoint, not a training state to resume: pass it '
+                            f'to --finetune, or convert it with tools/checkpoint_tools.py import-mae') from None
         raise UserError(f'cannot read checkpoint {path} ({type(e).__name__}); it is truncated or not a '
                         f'checkpoint of this repository: point --resume at another file') from None
     if not isinstance(ckpt, dict) or ckpt.get('kind') != kind:

@@ -10,7 +10,7 @@ from util.checkpoint import load_checkpoint, load_model_state, plain_args, resum
     save_training
 from util.cli import UserError, check
 from util.data import BadImages, eval_loader, eval_transform, image_folder, train_loader
-from util.distributed import cleanup, is_main
+from util.distributed import broadcast_buffers, cleanup, is_main
 from util.logger import log
 from util.precision import grad_scaler
 from util.train_loop import train_epochs
@@ -102,6 +102,7 @@ def run(args, kind, build_model, build_optimizer, train_transform, criterion, mi
 
     def after_epoch(epoch, train_stats):
         nonlocal best
+        broadcast_buffers(model_without_ddp)
         stats = evaluate(model, val, device, args.precision)
         if stats['acc1'] > best and is_main() and args.output_dir:
             save_atomic({'kind': kind, 'model': model_without_ddp.state_dict(), 'epoch': epoch,

@@ -85,6 +85,14 @@ def all_reduce_any(flags):
     return [bool(f) for f in flags.tolist()]
 
 
+def broadcast_buffers(module, src=0):
+    """Give every process rank `src`'s buffers: a linear probe's BatchNorm running statistics, which each
+    process updates from its own batches, so that all evaluate the model rank 0 saves."""
+    if dist.is_initialized():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src)
+
+
 def cleanup():
     if dist.is_initialized():
         dist.destroy_process_group()

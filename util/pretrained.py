@@ -30,9 +30,8 @@ def read_pretrained(path):
         raise UserError(f'{path} holds no model state dict; pass a pretraining checkpoint')
     clean = {}
     for key, value in state.items():
-        for prefix in PREFIXES:
-            while key.startswith(prefix):
-                key = key[len(prefix):]
+        while key.startswith(PREFIXES):  # any nesting: module._orig_mod., _orig_mod.module., ...
+            key = key[len(next(prefix for prefix in PREFIXES if key.startswith(prefix))):]
         if not key.startswith(DROP_PREFIXES):
             clean[key] = value
     return clean

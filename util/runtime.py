@@ -38,8 +38,8 @@ def set_lr_from_batch(args):
 
 
 def wrap_ddp(model, device, args):
-    """DDP across processes. Buffers (fixed position tables, or a probe's BatchNorm statistics computed from
-    synchronised weights) are not re-broadcast every forward."""
+    """DDP across processes. Buffers are not re-broadcast every forward: the position tables are fixed, and
+    a probe's BatchNorm statistics are synchronised once before each evaluation (classification.run)."""
     if not args.distributed:
         return model
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None,
