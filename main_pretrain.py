@@ -4,12 +4,14 @@ import argparse
 import datetime
 import time
 
+import torch
+
 import models_milan
 import visualize
 from engine_pretrain import train_one_epoch
 from util import cli, runtime
 from util.checkpoint import resume_training, save_training
-from util.cli import check
+from util.cli import UserError, check
 from util.clip_teacher import build_random_teacher, check_patch_grid, load_clip_teacher
 from util.data import BadImages, image_folder, pretrain_transform, train_loader
 from util.distributed import cleanup
@@ -79,6 +81,20 @@ def build_teacher(args, patch_size, grid_size):
     return teacher
 
 
+def fixed_images(dataset, count, size):
+    """The same few readable images, spread over the dataset, so TensorBoard's panels show how masks,
+    losses and attention evolve."""
+    images = []
+    for path, _ in dataset.samples[::max(1, len(dataset) // count)]:
+        try:
+            images.append(visualize.load_images([path], size))
+        except UserError:
+            continue
+        if len(images) == count:
+            break
+    return torch.cat(images) if images else None
+
+
 def main(args):
     validate_args(args)
     device = runtime.start(args)
@@ -111,9 +127,7 @@ def main(args):
     start, _ = resume_training(args, model_without_ddp, optimizer, scaler, KIND, same_flags=RESUME_FLAGS)
     logger = runtime.open_logger(args, start[0])
     bad_images = BadImages(len(dataset), args.max_bad_frac)
-    # the same few images every time, so TensorBoard shows how masks, losses and attention evolve
-    vis_images = visualize.load_images([path for path, _ in dataset.samples[::max(1, len(dataset) // args.vis_images)]
-                                        [:args.vis_images]], args.input_size) if logger.writer else None
+    vis_images = fixed_images(dataset, args.vis_images, args.input_size) if logger.writer else None
 
     def run_epoch(epoch, start_iter, stop, save):
         return train_one_epoch(model, teacher, loader, optimizer, scaler, epoch, args, device, logger,
@@ -122,7 +136,7 @@ def main(args):
     def after_epoch(epoch, stats):
         logger.epoch({'epoch': epoch, **{f'train_{k}': v for k, v in stats.items() if k != 'stopped'}})
         log(f'epoch {epoch} done: loss {stats["loss"]:.4f}, {stats["images_per_sec"]:.1f} img/s')
-        if logger.writer and args.vis_every and ((epoch + 1) % args.vis_every == 0 or epoch + 1 == args.epochs):
+        if vis_images is not None and args.vis_every and ((epoch + 1) % args.vis_every == 0 or epoch + 1 == args.epochs):
             grids = visualize.panels(model_without_ddp, teacher, vis_images.to(device), args.mask_ratio,
                                      teacher_input_norm=args.teacher_input_norm).grids
             logger.writer.add_images('panels', grids, epoch, dataformats='NHWC')
