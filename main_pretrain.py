@@ -115,6 +115,8 @@ def main(args):
     model.to(device)
     if teacher is not None:
         teacher.to(device)
+    runtime.compile_blocks(args, device, model.blocks, model.decoder_blocks,
+                           teacher.transformer.resblocks if teacher is not None else [])
 
     log(f'model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; target '
         f'{"CLIP features" if args.use_clip else "pixels"}, {"prompting" if args.change_decoder else "MAE"} '

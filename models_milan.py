@@ -204,15 +204,16 @@ class MilanViT(nn.Module):
         x = torch.cat([x[:, :1], patches], dim=1)
         return self.decoder_pred(self.decoder_norm(x))
 
-    def forward(self, imgs, clip_targets=None, importance=None, mask_ratio=0.75):
+    def forward(self, imgs, clip_targets=None, importance=None, mask_ratio=0.75, ids_shuffle=None):
         """Returns (loss, pred, mask): pred [B, 1+L, target_dim] for the CLIP target or [B, L, p*p*3] for
         pixels, mask [B, L] with 1 at masked patches, in image order. `importance` switches masking
-        from random to semantic-aware."""
+        from random to semantic-aware; `ids_shuffle` fixes the masking order instead (tests, visualisation)."""
         if self.target == 'clip' and clip_targets is None:
             raise ValueError('the CLIP target needs clip_targets from the teacher')
         b = imgs.shape[0]
         num_keep = self.num_visible(mask_ratio)
-        ids_shuffle = masking_order(b, self.num_patches, imgs.device, importance)
+        if ids_shuffle is None:
+            ids_shuffle = masking_order(b, self.num_patches, imgs.device, importance)
         latent = self.forward_encoder(imgs, ids_shuffle, num_keep)
         pred = self.forward_decoder(latent, ids_shuffle)
         mask = torch.ones(b, self.num_patches, device=imgs.device)

@@ -120,6 +120,8 @@ def _student_attention(model, images):
     return probs.mean(1)[:, 0, 1:]
 
 
+# Eager even when training compiled the blocks: the attention hook must see every call.
+@torch.compiler.disable
 @torch.no_grad()
 def panels(model, teacher, images, mask_ratio=0.75, seed=0, teacher_input_norm='imagenet', zoom=1):
     """The five panels of each image, side by side with labels, and the mask drawn for them.

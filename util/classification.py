@@ -73,6 +73,7 @@ def run(args, kind, build_model, build_optimizer, train_transform, criterion, mi
     val = eval_loader(val_set, args.batch_size, args.num_workers, pin)
 
     model = build_model(args).to(device)
+    runtime.compile_blocks(args, device, model.blocks)
     log(f'model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, '
         f'{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trained; {device}')
     runtime.set_lr_from_batch(args)

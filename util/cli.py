@@ -40,6 +40,8 @@ def add_common_args(parser):
     g.add_argument('--min_lr', type=float, default=0.0, help='lr at the end of the cosine schedule')
     g.add_argument('--warmup_epochs', type=int, default=40)
     g.add_argument('--clip_grad', type=float, default=None, help='clip the gradient norm (off by default)')
+    g.add_argument('--compile', action=argparse.BooleanOptionalAction, default=None,
+                   help='torch.compile each transformer block (default: on with CUDA, off on the CPU)')
     g.add_argument('--precision', default='auto', choices=['auto', 'bf16', 'fp16', 'fp32'],
                    help='auto: bf16 autocast on GPU, fp32 on CPU; fp16 adds loss scaling')
 

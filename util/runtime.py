@@ -27,6 +27,18 @@ def start(args):
     return device
 
 
+def compile_blocks(args, device, *block_lists):
+    """torch.compile every transformer block in place when --compile (default: on CUDA). Per block rather than
+    the whole model: one small graph reused by every block, shapes static (the kept-patch count is fixed),
+    and state-dict keys unchanged."""
+    if args.compile is None:
+        args.compile = device.type == 'cuda'
+    if args.compile:
+        for blocks in block_lists:
+            for block in blocks:
+                block.compile()
+
+
 def set_lr_from_batch(args):
     """lr = blr x effective batch / 256 unless --lr was given; logs both."""
     eff_batch = args.batch_size * args.accum_iter * world_size()

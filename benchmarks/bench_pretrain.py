@@ -1,0 +1,204 @@
+"""Pretraining speed: images/s, ms per step, peak memory and model-FLOP utilisation of the real training
+step (engine_pretrain.train_one_epoch: teacher, masking, student, backward, fused AdamW) on synthetic uint8
+batches already on the device; and, with --loader, the input pipeline alone on a folder of JPEGs.
+
+    python benchmarks/bench_pretrain.py --models mae_vit_base_patch16 --batch_sizes 256 --compile on off
+    python benchmarks/bench_pretrain.py --mode mae --models mae_vit_base_patch16 --batch_sizes 256
+    python benchmarks/bench_pretrain.py --loader --generate 2000 --num_workers 16 --batch_sizes 256
+    python benchmarks/bench_pretrain.py --device cpu --models mae_vit_tiny_patch8 --input_size 64 \\
+        --batch_sizes 8 --precisions fp32 --compile off --steps 2 --warmup 1 --teacher tiny  # CPU
+
+FLOPs per image are counted (torch.utils.flop_counter on one eager step, matrix products only), not
+assumed; utilisation divides achieved FLOP/s by --peak_tflops (default: 760 on an H100, 790 on an H200,
+the bf16 matrix rates measured on this project's machines; none elsewhere).
+"""
+import argparse
+import contextlib
+import io
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import main_pretrain  # noqa: E402
+import models_milan  # noqa: E402
+from engine_pretrain import train_one_epoch  # noqa: E402
+from util import runtime  # noqa: E402
+from util.clip_teacher import build_random_teacher  # noqa: E402
+from util.data import image_folder, pretrain_transform, train_loader  # noqa: E402
+from util.logger import RunLogger  # noqa: E402
+from util.optim import adamw, param_groups_weight_decay  # noqa: E402
+from util.precision import grad_scaler  # noqa: E402
+
+MODES = {  # flags of main_pretrain for each setting
+    'milan': ['--use_clip', '--change_decoder', '--attn_mask'],
+    'mae': ['--norm_pix_loss'],
+}
+PEAK_TFLOPS = {'H100': 760, 'H200': 790}
+# Random-weight teachers: the step's speed does not depend on the weights, and none need downloading.
+TEACHERS = {'vit_b16': dict(width=768, layers=12, output_dim=512), 'tiny': dict(width=64, layers=2, output_dim=64)}
+
+
+class SyntheticLoader:
+    """The same uint8 batch, already on the device, `steps` times; quacks like util.data.train_loader."""
+
+    def __init__(self, images, steps):
+        self.images, self.labels = images, torch.zeros(len(images), dtype=torch.long)
+        self.sampler = argparse.Namespace(batches_per_epoch=steps)
+
+    def __iter__(self):
+        return ((self.images, self.labels, []) for _ in range(self.sampler.batches_per_epoch))
+
+
+def run_args(opts, model_name, batch_size, precision, compile_):
+    argv = ['--model', model_name, '--batch_size', str(batch_size), '--input_size', str(opts.input_size),
+            '--precision', precision, '--device', opts.device,
+            '--print_freq', '1000000', '--epochs', '1000', '--warmup_epochs', '1',
+            '--compile' if compile_ else '--no-compile', *MODES[opts.mode]]
+    args = main_pretrain.get_args_parser().parse_args(argv)
+    args.lr, args.distributed, args.rank, args.world_size = 1e-4, False, 0, 1
+    return args
+
+
+def build(args, device, teacher_shape):
+    patch = models_milan.MODELS[args.model]['patch_size']
+    teacher = build_random_teacher(patch, args.input_size // patch, **TEACHERS[teacher_shape]) if args.use_clip else None
+    model = models_milan.create_model(
+        args.model, img_size=args.input_size, target='clip' if args.use_clip else 'pixel',
+        target_dim=teacher.output_dim if teacher is not None else 512, prompting_decoder=args.change_decoder,
+        norm_pix_loss=args.norm_pix_loss).to(device)
+    if teacher is not None:
+        teacher.to(device)
+    optimizer = adamw(param_groups_weight_decay(model, args.weight_decay), args.lr, (0.9, 0.95), device)
+    return model, teacher, optimizer
+
+
+def flops_per_image(args, device, images, teacher_shape):
+    """Matrix-product FLOPs of one eager fp32 training step (forward and backward, teacher included)."""
+    model, teacher, optimizer = build(args, device, teacher_shape)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        train_one_epoch(model, teacher, SyntheticLoader(images, 1), optimizer, grad_scaler('fp32', device), 0,
+                        args, device, RunLogger(None, None))
+    return counter.get_total_flops() / len(images)
+
+
+def synchronize(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+
+
+def quiet(fn, *args):
+    """Run without the training loop's log lines, so the table stays readable."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return fn(*args)
+
+
+def bench_step(opts, device, model_name, batch_size, precision, compile_):
+    args = run_args(opts, model_name, batch_size, precision, compile_)
+    images = torch.randint(0, 256, (batch_size, 3, args.input_size, args.input_size), dtype=torch.uint8,
+                           device=device)
+    flops = quiet(flops_per_image, run_args(opts, model_name, batch_size, 'fp32', False), device, images,
+                  opts.teacher)
+    model, teacher, optimizer = build(args, device, opts.teacher)
+    runtime.compile_blocks(args, device, model.blocks, model.decoder_blocks,
+                           teacher.transformer.resblocks if teacher is not None else [])
+    scaler, logger = grad_scaler(precision, device), RunLogger(None, None)
+    quiet(train_one_epoch, model, teacher, SyntheticLoader(images, opts.warmup), optimizer, scaler, 0, args, device,
+          logger)
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
+    synchronize(device)
+    start = time.perf_counter()
+    quiet(train_one_epoch, model, teacher, SyntheticLoader(images, opts.steps), optimizer, scaler, 0, args, device,
+          logger)
+    synchronize(device)
+    seconds = (time.perf_counter() - start) / opts.steps
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == 'cuda' else float('nan')
+    return batch_size / seconds, 1000 * seconds, peak, flops
+
+
+def generate_jpegs(folder, count, seed=0):
+    """ImageNet-like files: about 500x375 and 100+ KB each (smooth colour fields plus noise)."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.join(folder, 'train', 'n0'), exist_ok=True)
+    for i in range(count):
+        w, h = int(rng.integers(400, 560)), int(rng.integers(300, 420))
+        base = rng.integers(0, 256, (h // 16 + 1, w // 16 + 1, 3)).astype(np.uint8)
+        img = np.asarray(Image.fromarray(base).resize((w, h), Image.BICUBIC), dtype=np.float32)
+        img += rng.normal(0, 20, img.shape)
+        Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(
+            os.path.join(folder, 'train', 'n0', f'{i:06d}.JPEG'), quality=90)
+    return folder
+
+
+def bench_loader(opts, batch_size):
+    """Images/s of util.data's training loader (decode, crop, flip, collate; uint8 out)."""
+    with tempfile.TemporaryDirectory(prefix='milan_jpegs_') as tmp:
+        folder = opts.data_path or generate_jpegs(tmp, opts.generate)
+        return _time_loader(image_folder(folder, 'train', pretrain_transform(opts.input_size)), opts, batch_size)
+
+
+def _time_loader(dataset, opts, batch_size):
+    loader = train_loader(dataset, batch_size, opts.num_workers, opts.device == 'cuda', 0)
+    loader.sampler.set_epoch(0)
+    batches = iter(loader)
+    next(batches)  # workers started
+    count, start = 0, time.perf_counter()
+    for images, _, _ in batches:
+        count += len(images)
+    return count / (time.perf_counter() - start), len(dataset)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--models', nargs='+', default=['mae_vit_base_patch16'], choices=sorted(models_milan.MODELS))
+    parser.add_argument('--batch_sizes', nargs='+', type=int, default=[256])
+    parser.add_argument('--precisions', nargs='+', default=['bf16'], choices=['bf16', 'fp16', 'fp32'])
+    parser.add_argument('--compile', nargs='+', default=['on'], choices=['on', 'off'])
+    parser.add_argument('--mode', default='milan', choices=sorted(MODES))
+    parser.add_argument('--input_size', type=int, default=224)
+    parser.add_argument('--teacher', default='vit_b16', choices=sorted(TEACHERS),
+                        help='shape of the (random-weight) CLIP teacher: CLIP ViT-B/16 is the paper\'s')
+    parser.add_argument('--steps', type=int, default=20)
+    parser.add_argument('--warmup', type=int, default=5)
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--peak_tflops', type=float, default=None)
+    parser.add_argument('--loader', action='store_true', help='measure the input pipeline instead')
+    parser.add_argument('--data_path', default=None, help='--loader: an image folder with train/')
+    parser.add_argument('--generate', type=int, default=2000, help='--loader: JPEGs to generate without --data_path')
+    parser.add_argument('--num_workers', type=int, default=16)
+    opts = parser.parse_args()
+    device = torch.device(opts.device)
+    name = torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'
+    peak = opts.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    print(f'# {name}; torch {torch.__version__}; {" ".join(sys.argv[1:])}')
+
+    if opts.loader:
+        print('| batch | workers | images/s | files |\n| --- | --- | --- | --- |')
+        for batch_size in opts.batch_sizes:
+            speed, files = bench_loader(opts, batch_size)
+            print(f'| {batch_size} | {opts.num_workers} | {speed:,.0f} | {files} |')
+        return
+    print('| mode | model | batch | precision | compile | images/s | ms/step | peak GiB | GFLOP/image | MFU |')
+    print('| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |')
+    for model_name in opts.models:
+        for batch_size in opts.batch_sizes:
+            for precision in opts.precisions:
+                for compile_ in opts.compile:
+                    speed, ms, mem, flops = bench_step(opts, device, model_name, batch_size, precision,
+                                                       compile_ == 'on')
+                    mfu = f'{100 * flops * speed / (peak * 1e12):.1f}%' if peak else '-'
+                    print(f'| {opts.mode} | {model_name} | {batch_size} | {precision} | {compile_} | {speed:,.1f} '
+                          f'| {ms:.1f} | {mem:.1f} | {flops / 1e9:.1f} | {mfu} |', flush=True)
+
+
+if __name__ == '__main__':
+    main()
