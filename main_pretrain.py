@@ -138,7 +138,8 @@ def main(args):
     def after_epoch(epoch, stats):
         logger.epoch({'epoch': epoch, **{f'train_{k}': v for k, v in stats.items() if k != 'stopped'}})
         log(f'epoch {epoch} done: loss {stats["loss"]:.4f}, {stats["images_per_sec"]:.1f} img/s')
-        if vis_images is not None and args.vis_every and ((epoch + 1) % args.vis_every == 0 or epoch + 1 == args.epochs):
+        last = epoch + 1 == args.epochs
+        if vis_images is not None and args.vis_every and ((epoch + 1) % args.vis_every == 0 or last):
             grids = visualize.panels(model_without_ddp, teacher, vis_images.to(device), args.mask_ratio,
                                      teacher_input_norm=args.teacher_input_norm).grids
             logger.writer.add_images('panels', grids, epoch, dataformats='NHWC')

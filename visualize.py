@@ -27,13 +27,13 @@ from torchvision.transforms import InterpolationMode
 import main_pretrain
 import models_milan
 from engine_pretrain import teacher_view
-from tools.checkpoint_tools import model_state, read_checkpoint
 from util import cli
 from util.checkpoint import load_model_state
 from util.cli import UserError
 from util.data import load_rgb, to_device_normalized
 from util.demo_data import ensure_demo_dataset
 from util.logger import log
+from util.pretrained import model_state, read_checkpoint
 
 PAD = 4  # pixels around and between panels
 LABEL_H = 14  # label band above the panels

@@ -69,7 +69,9 @@ def run_args(opts, model_name, batch_size, precision, compile_):
 
 def build(args, device, teacher_shape):
     patch = models_milan.MODELS[args.model]['patch_size']
-    teacher = build_random_teacher(patch, args.input_size // patch, **TEACHERS[teacher_shape]) if args.use_clip else None
+    teacher = None
+    if args.use_clip:
+        teacher = build_random_teacher(patch, args.input_size // patch, **TEACHERS[teacher_shape])
     model = models_milan.create_model(
         args.model, img_size=args.input_size, target='clip' if args.use_clip else 'pixel',
         target_dim=teacher.output_dim if teacher is not None else 512, prompting_decoder=args.change_decoder,

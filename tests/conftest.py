@@ -25,6 +25,18 @@ def tiny_data(tmp_path_factory):
     return ensure_demo_dataset(str(tmp_path_factory.mktemp('data')), train_per_class=8, val_per_class=4)
 
 
+@pytest.fixture(scope='session')
+def milan_checkpoint(tiny_data, tmp_path_factory):
+    """checkpoint-last.pth of a real one-epoch MILAN pretraining (CLIP target, prompting decoder,
+    semantic-aware masking, random tiny teacher) on tiny_data."""
+    import main_pretrain
+    from util.cli import parse_args
+    out = tmp_path_factory.mktemp('pretrain')
+    argv = pretrain_argv(tiny_data, out, '--use_clip', '--change_decoder', '--attn_mask')
+    main_pretrain.main(parse_args(main_pretrain.get_args_parser(), main_pretrain.DEMO_DEFAULTS, argv))
+    return str(out / 'checkpoint-last.pth')
+
+
 def pretrain_argv(data, out, *extra):
     """A fast CPU pretraining command line on `data`: tiny model, 32x32 inputs, random tiny teacher."""
     return ['--data_path', data, '--output_dir', str(out), '--model', 'mae_vit_tiny_patch8', '--input_size', '32',

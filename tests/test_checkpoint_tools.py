@@ -12,10 +12,9 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 import main_finetune
-import main_pretrain
 import models_milan
 import models_vit
-from conftest import ROOT, pretrain_argv
+from conftest import ROOT
 from tools import checkpoint_tools
 from util.checkpoint import load_checkpoint
 from util.cli import UserError, parse_args
@@ -24,11 +23,8 @@ TINY = dict(img_size=32, patch_size=8, embed_dim=192, depth=4, num_heads=3)
 
 
 @pytest.fixture(scope='module')
-def pretrained(tiny_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp('pretrain')
-    argv = pretrain_argv(tiny_data, out, '--use_clip', '--change_decoder', '--attn_mask')
-    main_pretrain.main(parse_args(main_pretrain.get_args_parser(), main_pretrain.DEMO_DEFAULTS, argv))
-    return str(out / 'checkpoint-last.pth')
+def pretrained(milan_checkpoint):
+    return milan_checkpoint
 
 
 @pytest.fixture(scope='module')

@@ -20,7 +20,8 @@ PATCH, GRID = 8, 4
 
 @pytest.fixture(scope='module')
 def clip_sd():
-    """A tiny full CLIP (2 vision heads, 3 blocks) with every parameter perturbed, so no LayerNorm or bias is trivial."""
+    """A tiny full CLIP (2 vision heads, 3 blocks) with every parameter perturbed, so no LayerNorm or bias
+    is trivial."""
     g = torch.Generator().manual_seed(0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)

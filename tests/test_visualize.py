@@ -9,11 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-import main_pretrain
 import models_milan
 import visualize
-from conftest import ROOT, pretrain_argv
-from util.cli import UserError, parse_args
+from conftest import ROOT
+from util.cli import UserError
 from util.data import to_device_normalized
 
 S, P, G = 32, 8, 4  # input size, patch size, grid of the tiny test model
@@ -33,11 +32,8 @@ def patch(array, index):
 
 
 @pytest.fixture(scope='module')
-def checkpoint(tiny_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp('pretrain')
-    argv = pretrain_argv(tiny_data, out, '--use_clip', '--change_decoder', '--attn_mask')
-    main_pretrain.main(parse_args(main_pretrain.get_args_parser(), main_pretrain.DEMO_DEFAULTS, argv))
-    return str(out / 'checkpoint-last.pth')
+def checkpoint(milan_checkpoint):
+    return milan_checkpoint
 
 
 @pytest.fixture(scope='module')

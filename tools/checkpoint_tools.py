@@ -26,8 +26,8 @@ import models_milan  # noqa: E402
 import models_vit  # noqa: E402
 from util.checkpoint import plain_args, save_atomic  # noqa: E402
 from util.cli import UserError, run  # noqa: E402
+from util.pretrained import model_state, read_checkpoint  # noqa: E402
 
-PREFIXES = ('module.', '_orig_mod.')
 OUR_KINDS = ('pretrain', 'finetune', 'linprobe')
 ENCODER = ('cls_token', 'pos_embed', 'patch_embed', 'blocks', 'norm')
 DECODER = ('decoder_', 'mask_token')
@@ -37,35 +37,6 @@ TIMM_NAMES = {'vit_small_patch16': 'vit_small_patch16_224', 'vit_base_patch16': 
               'vit_large_patch16': 'vit_large_patch16_224', 'vit_huge_patch14': 'vit_huge_patch14_224'}
 KEY_ARGS = ('use_clip', 'change_decoder', 'attn_mask', 'mask_ratio', 'norm_pix_loss', 'clip_model', 'blr', 'lr',
             'batch_size', 'accum_iter', 'epochs', 'global_pool', 'nb_classes', 'finetune')
-
-
-def read_checkpoint(path):
-    """Any checkpoint dict: ours, or a released MAE/MILAN file whose pickled argparse.Namespace is the one
-    class the weights-only loader is allowed to rebuild."""
-    if not os.path.isfile(path):
-        raise UserError(f'checkpoint {path}: no such file')
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [''])[0]
-        raise UserError(f'cannot read {path} as a checkpoint ({type(e).__name__}: {first[:200]})') from None
-    if not isinstance(ckpt, dict):
-        raise UserError(f'{path} holds a {type(ckpt).__name__}, not a checkpoint dict')
-    return ckpt
-
-
-def model_state(ckpt, path):
-    """The weights, with the DDP/compile prefixes stripped; a bare state dict is its own weights."""
-    state = ckpt.get('model', ckpt.get('state_dict', ckpt))
-    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f'{path} holds no model state dict')
-    clean = {}
-    for key, value in state.items():
-        while key.startswith(PREFIXES):
-            key = key.split('.', 1)[1]
-        clean[key] = value
-    return clean
 
 
 def saved_args(ckpt):

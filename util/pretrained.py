@@ -1,4 +1,5 @@
-"""Load a pretraining checkpoint (ours, or a released MAE/MILAN file) into a fine-tuning/probing ViT."""
+"""Reading any checkpoint (ours, or a released MAE/MILAN file) safely, and loading a pretrained encoder
+into a fine-tuning/probing ViT."""
 import argparse
 import os
 
@@ -13,28 +14,39 @@ DROP_PREFIXES = ('decoder_', 'mask_token', 'teacher', 'clip')
 PREFIXES = ('module.', '_orig_mod.')
 
 
-def read_pretrained(path):
-    """The encoder state dict of a checkpoint. Released MAE/MILAN files pickle an argparse.Namespace, which
-    the weights-only loader refuses: that one class is allow-listed, nothing else is unpickled."""
+def read_checkpoint(path):
+    """Any checkpoint dict: ours, or a released MAE/MILAN file whose pickled argparse.Namespace is the one
+    class the weights-only loader is allowed to rebuild."""
     if not os.path.isfile(path):
-        raise UserError(f'--finetune {path}: no such file')
+        raise UserError(f'checkpoint {path}: no such file')
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
         first = (str(e).strip().splitlines() or [''])[0]
-        raise UserError(f'cannot read {path} as a checkpoint ({type(e).__name__}: {first[:200]}); '
-                        f'pass a pretraining checkpoint written by this repository, MAE or MILAN') from None
-    state = ckpt.get('model', ckpt.get('state_dict', ckpt)) if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict) or not state:
-        raise UserError(f'{path} holds no model state dict; pass a pretraining checkpoint')
+        raise UserError(f'cannot read {path} as a checkpoint ({type(e).__name__}: {first[:200]})') from None
+    if not isinstance(ckpt, dict):
+        raise UserError(f'{path} holds a {type(ckpt).__name__}, not a checkpoint dict')
+    return ckpt
+
+
+def model_state(ckpt, path):
+    """The weights, with the DDP/compile prefixes stripped; a bare state dict is its own weights."""
+    state = ckpt.get('model', ckpt.get('state_dict', ckpt))
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f'{path} holds no model state dict')
     clean = {}
     for key, value in state.items():
-        while key.startswith(PREFIXES):  # any nesting: module._orig_mod., _orig_mod.module., ...
-            key = key[len(next(prefix for prefix in PREFIXES if key.startswith(prefix))):]
-        if not key.startswith(DROP_PREFIXES):
-            clean[key] = value
+        while key.startswith(PREFIXES):
+            key = key.split('.', 1)[1]
+        clean[key] = value
     return clean
+
+
+def read_pretrained(path):
+    """The encoder weights of a pretraining checkpoint (ours, MAE's or MILAN's): decoder and teacher keys
+    dropped."""
+    return {k: v for k, v in model_state(read_checkpoint(path), path).items() if not k.startswith(DROP_PREFIXES)}
 
 
 def load_pretrained(model, path, allowed_missing):

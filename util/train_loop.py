@@ -88,9 +88,10 @@ def train_epoch(model, loader, compute_loss, optimizer, scaler, epoch, args, dev
             speed = window_iters * images_per_iter / (time.time() - window_start)
             logger.scalars(epoch * num_iters + it + 1, train_loss=window_loss, lr=lr, images_per_sec=speed)
             left = num_iters - it - 1
+            run_left = left + (args.epochs - epoch - 1) * num_iters
             per_iter = images_per_iter / speed
             log(f'epoch {epoch} [{it + 1}/{num_iters}] loss {window_loss:.4f} lr {lr:.3e} {speed:.1f} img/s, '
-                f'eta epoch {_hms(left * per_iter)} run {_hms((left + (args.epochs - epoch - 1) * num_iters) * per_iter)}')
+                f'eta epoch {_hms(left * per_iter)} run {_hms(run_left * per_iter)}')
             if save_due and not stopped and it + 1 < num_iters:
                 save(epoch, it + 1)
                 last_save = time.time()
