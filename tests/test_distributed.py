@@ -184,3 +184,14 @@ def test_ddp_step_keeps_ranks_identical(probe):
         assert d['checksums_after_step'][0] != d['checksums_after_init'][0]
     assert probe[0]['ddp'] == probe[1]['ddp']  # gathered values: both ranks saw the same
     assert all(rec['teacher_max_diff'] == 0.0 for rec in probe)  # --clip_model random agrees across ranks
+
+
+def test_launch_script_single_node(tiny_data, tmp_path):
+    """scripts/torchrun.sh, the README's launcher, on one node with 2 CPU processes."""
+    out = tmp_path / 'out'
+    env = dict(child_env(tmp_path), NPROC='2')
+    result = subprocess.run(['bash', os.path.join(ROOT, 'scripts', 'torchrun.sh'), 'main_pretrain.py',
+                             *pretrain_argv(tiny_data, out)], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert 'x 2 processes' in result.stdout and (out / 'checkpoint-last.pth').exists()
