@@ -1,5 +1,6 @@
 """One epoch of MILAN pretraining."""
 from util.data import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, renormalize, to_device_normalized
+from util.device_decode import EncodedImages, decode_on_device
 from util.train_loop import train_epoch
 
 
@@ -13,8 +14,15 @@ def teacher_view(images, teacher_input_norm):
 def train_one_epoch(model, teacher, loader, optimizer, scaler, epoch, args, device, logger, **loop):
     """The teacher turns each batch into targets and importance; the student reconstructs the targets
     from the masked view (semantic-aware masking when --attn_mask). `loop`: train_epoch's resume/stop options."""
+    bad_images = loop.get('bad_images')
+
     def compute_loss(batch):
-        images = to_device_normalized(batch[0], device)
+        images = batch[0]
+        if isinstance(images, EncodedImages):  # --gpu_decode
+            images, unreadable = decode_on_device(images, device, args.input_size)
+            if bad_images is not None:
+                bad_images.add(unreadable)
+        images = to_device_normalized(images, device)
         targets = importance = None
         if teacher is not None:
             targets, importance = teacher(teacher_view(images, args.teacher_input_norm))

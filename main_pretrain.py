@@ -41,6 +41,8 @@ def get_args_parser():
     cli.bool_flag(g, 'change_decoder', 'use the prompting decoder instead of the MAE decoder')
     cli.bool_flag(g, 'attn_mask', 'semantic-aware masking guided by the teacher\'s class-token attention')
     cli.bool_flag(g, 'norm_pix_loss', 'pixel target: normalise each patch by its mean and variance')
+    cli.bool_flag(g, 'gpu_decode', 'decode and augment JPEGs on the training device (nvJPEG on GPUs); workers '
+                                   'only read files')
     g.add_argument('--clip_model', default='ViT-B/16',
                    help='CLIP teacher: an OpenAI model name (downloaded once into --clip_cache), a TorchScript '
                         '.pt or a state-dict file; "random" is a random tiny teacher for smoke tests only')
@@ -101,7 +103,7 @@ def main(args):
 
     dataset = image_folder(args.data_path, 'train', pretrain_transform(args.input_size))
     loader = train_loader(dataset, args.batch_size, args.num_workers, args.pin_mem and device.type == 'cuda',
-                          args.seed)
+                          args.seed, args.input_size if args.gpu_decode else None)
     patch_size = models_milan.MODELS[args.model]['patch_size']
     check(args.input_size % patch_size == 0,
           f'--input_size {args.input_size} is not a multiple of {args.model}\'s {patch_size}px patches')

@@ -4,7 +4,7 @@ batches already on the device; and, with --loader, the input pipeline alone on a
 
     python benchmarks/bench_pretrain.py --models mae_vit_base_patch16 --batch_sizes 256 --compile on off
     python benchmarks/bench_pretrain.py --mode mae --models mae_vit_base_patch16 --batch_sizes 256
-    python benchmarks/bench_pretrain.py --loader --generate 2000 --num_workers 16 --batch_sizes 256
+    python benchmarks/bench_pretrain.py --loader --generate 2000 --num_workers 16 --batch_sizes 256 [--gpu_decode]
     python benchmarks/bench_pretrain.py --device cpu --models mae_vit_tiny_patch8 --input_size 64 \\
         --batch_sizes 8 --precisions fp32 --compile off --steps 2 --warmup 1 --teacher tiny  # CPU
 
@@ -33,6 +33,7 @@ from engine_pretrain import train_one_epoch  # noqa: E402
 from util import runtime  # noqa: E402
 from util.clip_teacher import build_random_teacher  # noqa: E402
 from util.data import image_folder, pretrain_transform, train_loader  # noqa: E402
+from util.device_decode import decode_on_device  # noqa: E402
 from util.logger import RunLogger  # noqa: E402
 from util.optim import adamw, param_groups_weight_decay  # noqa: E402
 from util.precision import grad_scaler  # noqa: E402
@@ -142,20 +143,26 @@ def generate_jpegs(folder, count, seed=0):
 
 
 def bench_loader(opts, batch_size):
-    """Images/s of util.data's training loader (decode, crop, flip, collate; uint8 out)."""
+    """Images/s of util.data's training loader (decode, crop, flip, collate; uint8 out); with --gpu_decode,
+    workers read files and the batches are decoded and augmented on the device."""
     with tempfile.TemporaryDirectory(prefix='milan_jpegs_') as tmp:
         folder = opts.data_path or generate_jpegs(tmp, opts.generate)
         return _time_loader(image_folder(folder, 'train', pretrain_transform(opts.input_size)), opts, batch_size)
 
 
 def _time_loader(dataset, opts, batch_size):
-    loader = train_loader(dataset, batch_size, opts.num_workers, opts.device == 'cuda', 0)
+    device = torch.device(opts.device)
+    loader = train_loader(dataset, batch_size, opts.num_workers, device.type == 'cuda', 0,
+                          opts.input_size if opts.gpu_decode else None)
     loader.sampler.set_epoch(0)
     batches = iter(loader)
     next(batches)  # workers started
     count, start = 0, time.perf_counter()
     for images, _, _ in batches:
+        if opts.gpu_decode:
+            images, _ = decode_on_device(images, device, opts.input_size)
         count += len(images)
+    synchronize(device)
     return count / (time.perf_counter() - start), len(dataset)
 
 
@@ -177,6 +184,7 @@ def main():
     parser.add_argument('--data_path', default=None, help='--loader: an image folder with train/')
     parser.add_argument('--generate', type=int, default=2000, help='--loader: JPEGs to generate without --data_path')
     parser.add_argument('--num_workers', type=int, default=16)
+    parser.add_argument('--gpu_decode', action='store_true', help='--loader: decode on the device (nvJPEG)')
     opts = parser.parse_args()
     device = torch.device(opts.device)
     name = torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'
@@ -184,10 +192,11 @@ def main():
     print(f'# {name}; torch {torch.__version__}; {" ".join(sys.argv[1:])}')
 
     if opts.loader:
-        print('| batch | workers | images/s | files |\n| --- | --- | --- | --- |')
+        print('| decode | batch | workers | images/s | files |\n| --- | --- | --- | --- | --- |')
         for batch_size in opts.batch_sizes:
             speed, files = bench_loader(opts, batch_size)
-            print(f'| {batch_size} | {opts.num_workers} | {speed:,.0f} | {files} |')
+            where = f'{opts.device} (device)' if opts.gpu_decode else 'workers'
+            print(f'| {where} | {batch_size} | {opts.num_workers} | {speed:,.0f} | {files} |')
         return
     print('| mode | model | batch | precision | compile | images/s | ms/step | peak GiB | GFLOP/image | MFU |')
     print('| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |')

@@ -2,13 +2,11 @@
 import os
 import subprocess
 import sys
-import warnings
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-warnings.filterwarnings('ignore', message='pkg_resources is deprecated')
 
 from util.demo_data import ensure_demo_dataset  # noqa: E402
 

@@ -27,4 +27,7 @@ def test_step_benchmark_table():
 def test_loader_benchmark_generates_jpegs(tmp_path):
     rows = bench('--loader', '--device', 'cpu', '--generate', '24', '--num_workers', '1', '--batch_sizes', '8',
                  '--input_size', '32')
-    assert rows[1].split('|')[4].strip() == '24'  # files generated and read
+    assert rows[1].split('|')[5].strip() == '24'  # files generated and read
+    rows = bench('--loader', '--gpu_decode', '--device', 'cpu', '--generate', '24', '--num_workers', '1',
+                 '--batch_sizes', '8', '--input_size', '32')
+    assert rows[1].split('|')[1].strip() == 'cpu (device)' and float(rows[1].split('|')[4].replace(',', '')) > 0

@@ -31,10 +31,13 @@ def load_rgb(path):
         raise UserError(f'cannot read image {path} ({e}); delete or replace the file') from None
 
 
+PRETRAIN_SCALE = (0.2, 1.0)
+
+
 def pretrain_transform(input_size):
     """SPEC 5: RandomResizedCrop (scale 0.2-1, bicubic) and horizontal flip; uint8 out."""
     return transforms.Compose([
-        transforms.RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=InterpolationMode.BICUBIC),
+        transforms.RandomResizedCrop(input_size, scale=PRETRAIN_SCALE, interpolation=InterpolationMode.BICUBIC),
         transforms.RandomHorizontalFlip(),
         transforms.PILToTensor(),
     ])
@@ -87,6 +90,10 @@ class TrainSet(Dataset):
     def __len__(self):
         return len(self.folder)
 
+    def load(self, i):
+        """(augmented image, label) of sample i; runs under the sample's seeded RNG."""
+        return self.folder[i]
+
     def __getitem__(self, key):
         index, epoch = key
         bad = []
@@ -94,7 +101,7 @@ class TrainSet(Dataset):
             i = (index + offset) % len(self.folder)
             try:
                 with seeded_rng(sample_seed(self.seed, epoch, i)):
-                    image, label = self.folder[i]
+                    image, label = self.load(i)
                 return image, label, bad
             except UserError:
                 bad.append(self.folder.samples[i][0])
@@ -132,15 +139,20 @@ class TrainSampler(Sampler):
         return len(self.shard) - self.start
 
 
-def train_loader(folder, batch_size, num_workers, pin_memory, seed):
+def train_loader(folder, batch_size, num_workers, pin_memory, seed, input_size=None):
     """Loader over a TrainSet with a TrainSampler (call `loader.sampler.set_epoch` every epoch); its own
-    generator keeps it from drawing on the global RNG, which the training step's masking uses."""
+    generator keeps it from drawing on the global RNG, which the training step's masking uses. With
+    `input_size`, workers only read the files and draw the pretraining crops: the batch is decoded and
+    augmented on the training device (util.device_decode)."""
+    from util.device_decode import EncodedTrainSet, collate_encoded
     sampler = TrainSampler(len(folder), batch_size, seed)
     if sampler.batches_per_epoch < 1:
         raise UserError(f'the dataset has {len(folder)} images, fewer than one batch of {batch_size} per '
                         f'process x {world_size()} processes; lower --batch_size')
-    return DataLoader(TrainSet(folder, seed), batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      collate_fn=collate_train, pin_memory=pin_memory, drop_last=True,
+    dataset, collate = (TrainSet(folder, seed), collate_train) if input_size is None else \
+        (EncodedTrainSet(folder, seed, input_size), collate_encoded)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      collate_fn=collate, pin_memory=pin_memory, drop_last=True,
                       persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed))
 
 

@@ -1,0 +1,88 @@
+"""Pretraining input decoded on the training device (`--gpu_decode`): workers only read the JPEG bytes and
+draw each image's crop and flip, so a handful of CPU cores can feed a fast GPU; the batch is decoded with
+nvJPEG (`torchvision.io.decode_jpeg(..., device='cuda')`) and cropped, resized (bicubic, antialiased) and
+flipped there. The crops and flips are drawn exactly as the CPU pipeline draws them (same seeds, same
+order), so only the resampling kernel differs. On the CPU the same code runs with CPU decoding, which is
+what the tests exercise."""
+import io
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import default_collate
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+from torchvision.transforms import RandomResizedCrop
+
+from util.cli import UserError
+from util.data import PRETRAIN_SCALE, TrainSet
+
+
+class EncodedImages(NamedTuple):
+    data: list  # uint8 1-D tensors, the files' bytes
+    crops: torch.Tensor  # [B, 5] int64: top, left, height, width, flip
+    paths: list
+
+
+class EncodedTrainSet(TrainSet):
+    """TrainSet whose samples are (file bytes, crop and flip, path) instead of decoded images."""
+
+    def __init__(self, folder, seed, input_size):
+        super().__init__(folder, seed)
+        self.input_size = input_size
+
+    def load(self, i):
+        path, label = self.folder.samples[i]
+        try:
+            with open(path, 'rb') as f:
+                data = f.read()
+            with Image.open(io.BytesIO(data)) as header:  # reads the size only
+                top, left, h, w = RandomResizedCrop.get_params(header, list(PRETRAIN_SCALE), [3 / 4, 4 / 3])
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            raise UserError(f'cannot read image {path} ({e}); delete or replace the file') from None
+        flip = int(torch.rand(1) < 0.5)  # the same draw RandomHorizontalFlip makes, after the crop's
+        return (torch.frombuffer(bytearray(data), dtype=torch.uint8), torch.tensor([top, left, h, w, flip]),
+                path), label
+
+
+def collate_encoded(batch):
+    """(EncodedImages, labels, unreadable paths), like util.data.collate_train."""
+    samples, labels, bad = zip(*batch)
+    data, crops, paths = zip(*samples)
+    return (EncodedImages(list(data), torch.stack(crops), list(paths)), default_collate(labels),
+            [path for paths_ in bad for path in paths_])
+
+
+def _decode(encoded, device):
+    """RGB uint8 [3, H, W] per image: the batch through the device's JPEG decoder; an image it refuses
+    (CMYK, PNG disguised as JPEG, damage only found when decoding) falls back to the CPU's general decoder.
+    Returns the images and the paths of those no decoder could read."""
+    try:
+        return decode_jpeg(encoded.data, mode=ImageReadMode.RGB, device=device), []
+    except RuntimeError:
+        pass
+    images, bad = [], []
+    for data, path in zip(encoded.data, encoded.paths):
+        try:
+            images.append(decode_image(data, mode=ImageReadMode.RGB).to(device))
+        except RuntimeError:
+            images.append(None)
+            bad.append(path)
+    return images, bad
+
+
+def decode_on_device(encoded, device, size):
+    """uint8 [B, 3, size, size] on `device`: decoded, cropped, resized and flipped there. An image that no
+    decoder reads is replaced by another one of the batch; its path is returned for the bad-image count."""
+    images, bad = _decode(encoded, device)
+    readable = [im for im in images if im is not None]
+    if not readable:
+        raise UserError(f'no image of a batch could be decoded, e.g. {encoded.paths[0]}; check the dataset')
+    out = []
+    for k, (image, (top, left, h, w, flip)) in enumerate(zip(images, encoded.crops.tolist())):
+        if image is None:
+            image, (top, left, h, w, flip) = readable[0], (0, 0, readable[0].shape[1], readable[0].shape[2], 0)
+        crop = image[None, :, top:top + h, left:left + w].float()
+        crop = F.interpolate(crop, size=(size, size), mode='bicubic', antialias=True, align_corners=False)
+        out.append(crop.flip(-1) if flip else crop)
+    return torch.cat(out).round_().clamp_(0, 255).to(torch.uint8), bad
