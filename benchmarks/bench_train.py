@@ -1,11 +1,13 @@
-"""Pretraining speed: images/s, ms per step, peak memory and model-FLOP utilisation of the real training
-step (engine_pretrain.train_one_epoch: teacher, masking, student, backward, fused AdamW) on synthetic uint8
-batches already on the device; and, with --loader, the input pipeline alone on a folder of JPEGs.
+"""Training speed: images/s, ms per step, peak memory and model-FLOP utilisation of the real training step
+(engine_pretrain.train_one_epoch: teacher, masking, student, backward, fused AdamW; or, with --mode
+finetune, engine_finetune's) on synthetic batches already on the device; and, with --loader, the input
+pipeline alone on a folder of JPEGs.
 
-    python benchmarks/bench_pretrain.py --models mae_vit_base_patch16 --batch_sizes 256 --compile on off
-    python benchmarks/bench_pretrain.py --mode mae --models mae_vit_base_patch16 --batch_sizes 256
-    python benchmarks/bench_pretrain.py --loader --generate 2000 --num_workers 16 --batch_sizes 256 [--gpu_decode]
-    python benchmarks/bench_pretrain.py --device cpu --models mae_vit_tiny_patch8 --input_size 64 \\
+    python benchmarks/bench_train.py --models mae_vit_base_patch16 --batch_sizes 256 --compile on off
+    python benchmarks/bench_train.py --mode mae --models mae_vit_base_patch16 --batch_sizes 256
+    python benchmarks/bench_train.py --mode finetune --models mae_vit_base_patch16 --batch_sizes 128
+    python benchmarks/bench_train.py --loader --generate 2000 --num_workers 16 --batch_sizes 256 [--gpu_decode]
+    python benchmarks/bench_train.py --device cpu --models mae_vit_tiny_patch8 --input_size 64 \\
         --batch_sizes 8 --precisions fp32 --compile off --steps 2 --warmup 1 --teacher tiny  # CPU
 
 FLOPs per image are counted (torch.utils.flop_counter on one eager step, matrix products only), not
@@ -23,12 +25,15 @@ import time
 import numpy as np
 import torch
 from PIL import Image
+from timm.loss import LabelSmoothingCrossEntropy
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import main_finetune  # noqa: E402
 import main_pretrain  # noqa: E402
 import models_milan  # noqa: E402
+from engine_finetune import train_one_epoch as finetune_epoch  # noqa: E402
 from engine_pretrain import train_one_epoch  # noqa: E402
 from util import runtime  # noqa: E402
 from util.clip_teacher import build_random_teacher  # noqa: E402
@@ -38,9 +43,10 @@ from util.logger import RunLogger  # noqa: E402
 from util.optim import adamw, param_groups_weight_decay  # noqa: E402
 from util.precision import grad_scaler  # noqa: E402
 
-MODES = {  # flags of main_pretrain for each setting
+MODES = {  # flags of the entry point for each setting
     'milan': ['--use_clip', '--change_decoder', '--attn_mask'],
     'mae': ['--norm_pix_loss'],
+    'finetune': ['--global_pool', '--drop_path', '0.1', '--layer_decay', '0.65'],
 }
 PEAK_TFLOPS = {'H100': 760, 'H200': 790}
 # Random-weight teachers: the step's speed does not depend on the weights, and none need downloading.
@@ -48,10 +54,11 @@ TEACHERS = {'vit_b16': dict(width=768, layers=12, output_dim=512), 'tiny': dict(
 
 
 class SyntheticLoader:
-    """The same uint8 batch, already on the device, `steps` times; quacks like util.data.train_loader."""
+    """The same (images, labels) batch, already on the device, `steps` times; quacks like
+    util.data.train_loader."""
 
-    def __init__(self, images, steps):
-        self.images, self.labels = images, torch.zeros(len(images), dtype=torch.long)
+    def __init__(self, batch, steps):
+        self.images, self.labels = batch
         self.sampler = argparse.Namespace(batches_per_epoch=steps)
 
     def __iter__(self):
@@ -59,38 +66,59 @@ class SyntheticLoader:
 
 
 def run_args(opts, model_name, batch_size, precision, compile_):
+    """The entry point's own flags and defaults for this setting (fine-tuning: the classifier of that size)."""
+    script = main_finetune if opts.mode == 'finetune' else main_pretrain
+    if opts.mode == 'finetune':
+        model_name = model_name.replace('mae_', '')
     argv = ['--model', model_name, '--batch_size', str(batch_size), '--input_size', str(opts.input_size),
             '--precision', precision, '--device', opts.device,
             '--print_freq', '1000000', '--epochs', '1000', '--warmup_epochs', '1',
             '--compile' if compile_ else '--no-compile', *MODES[opts.mode]]
-    args = main_pretrain.get_args_parser().parse_args(argv)
+    args = script.get_args_parser().parse_args(argv)
     args.lr, args.distributed, args.rank, args.world_size = 1e-4, False, 0, 1
     return args
 
 
-def build(args, device, teacher_shape):
+def build(args, device, opts):
+    """(run one epoch over a loader with a scaler, the transformer blocks --compile compiles) for the mode:
+    the pretraining step with its teacher, or fine-tuning (layer decay, drop path, label smoothing)."""
+    logger = RunLogger(None, None)
+    if opts.mode == 'finetune':
+        model = main_finetune.build_model(args).to(device)
+        optimizer = main_finetune.build_optimizer(args, model)
+        criterion = LabelSmoothingCrossEntropy(args.smoothing)
+        return (lambda loader, scaler: finetune_epoch(model, criterion, loader, optimizer, scaler, 0, args, device,
+                                                      logger)), [model.blocks]
     patch = models_milan.MODELS[args.model]['patch_size']
     teacher = None
     if args.use_clip:
-        teacher = build_random_teacher(patch, args.input_size // patch, **TEACHERS[teacher_shape])
+        teacher = build_random_teacher(patch, args.input_size // patch, **TEACHERS[opts.teacher]).to(device)
     model = models_milan.create_model(
         args.model, img_size=args.input_size, target='clip' if args.use_clip else 'pixel',
         target_dim=teacher.output_dim if teacher is not None else 512, prompting_decoder=args.change_decoder,
         norm_pix_loss=args.norm_pix_loss).to(device)
-    if teacher is not None:
-        teacher.to(device)
     optimizer = adamw(param_groups_weight_decay(model, args.weight_decay), args.lr, (0.9, 0.95), device)
-    return model, teacher, optimizer
+    blocks = [model.blocks, model.decoder_blocks, teacher.transformer.resblocks if teacher is not None else []]
+    return (lambda loader, scaler: train_one_epoch(model, teacher, loader, optimizer, scaler, 0, args, device,
+                                                   logger)), blocks
 
 
-def flops_per_image(args, device, images, teacher_shape):
+def synthetic_batch(opts, batch_size, device):
+    """uint8 images for pretraining (normalised on the device by the step), normalised float ones and labels
+    for fine-tuning (its loader normalises on the CPU)."""
+    shape = (batch_size, 3, opts.input_size, opts.input_size)
+    if opts.mode == 'finetune':
+        return torch.randn(shape, device=device), torch.randint(0, 1000, (batch_size,), device=device)
+    return torch.randint(0, 256, shape, dtype=torch.uint8, device=device), torch.zeros(batch_size, dtype=torch.long)
+
+
+def flops_per_image(args, device, opts, batch):
     """Matrix-product FLOPs of one eager fp32 training step (forward and backward, teacher included)."""
-    model, teacher, optimizer = build(args, device, teacher_shape)
+    run_epoch, _ = build(args, device, opts)
     counter = FlopCounterMode(display=False)
     with counter:
-        train_one_epoch(model, teacher, SyntheticLoader(images, 1), optimizer, grad_scaler('fp32', device), 0,
-                        args, device, RunLogger(None, None))
-    return counter.get_total_flops() / len(images)
+        run_epoch(SyntheticLoader(batch, 1), grad_scaler('fp32', device))
+    return counter.get_total_flops() / len(batch[0])
 
 
 def synchronize(device):
@@ -106,22 +134,17 @@ def quiet(fn, *args):
 
 def bench_step(opts, device, model_name, batch_size, precision, compile_):
     args = run_args(opts, model_name, batch_size, precision, compile_)
-    images = torch.randint(0, 256, (batch_size, 3, args.input_size, args.input_size), dtype=torch.uint8,
-                           device=device)
-    flops = quiet(flops_per_image, run_args(opts, model_name, batch_size, 'fp32', False), device, images,
-                  opts.teacher)
-    model, teacher, optimizer = build(args, device, opts.teacher)
-    runtime.compile_blocks(args, device, model.blocks, model.decoder_blocks,
-                           teacher.transformer.resblocks if teacher is not None else [])
-    scaler, logger = grad_scaler(precision, device), RunLogger(None, None)
-    quiet(train_one_epoch, model, teacher, SyntheticLoader(images, opts.warmup), optimizer, scaler, 0, args, device,
-          logger)
+    batch = synthetic_batch(opts, batch_size, device)
+    flops = quiet(flops_per_image, run_args(opts, model_name, batch_size, 'fp32', False), device, opts, batch)
+    run_epoch, blocks = quiet(build, args, device, opts)
+    runtime.compile_blocks(args, device, *blocks)
+    scaler = grad_scaler(precision, device)
+    quiet(run_epoch, SyntheticLoader(batch, opts.warmup), scaler)
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats()
     synchronize(device)
     start = time.perf_counter()
-    quiet(train_one_epoch, model, teacher, SyntheticLoader(images, opts.steps), optimizer, scaler, 0, args, device,
-          logger)
+    quiet(run_epoch, SyntheticLoader(batch, opts.steps), scaler)
     synchronize(device)
     seconds = (time.perf_counter() - start) / opts.steps
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == 'cuda' else float('nan')
@@ -207,7 +230,8 @@ def main():
                     speed, ms, mem, flops = bench_step(opts, device, model_name, batch_size, precision,
                                                        compile_ == 'on')
                     mfu = f'{100 * flops * speed / (peak * 1e12):.1f}%' if peak else '-'
-                    print(f'| {opts.mode} | {model_name} | {batch_size} | {precision} | {compile_} | {speed:,.1f} '
+                    shown = model_name.replace('mae_', '') if opts.mode == 'finetune' else model_name
+                    print(f'| {opts.mode} | {shown} | {batch_size} | {precision} | {compile_} | {speed:,.1f} '
                           f'| {ms:.1f} | {mem:.1f} | {flops / 1e9:.1f} | {mfu} |', flush=True)
 
 
