@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from torchvision import transforms
-from torchvision.transforms import InterpolationMode
 
 import main_pretrain
 import models_milan
@@ -30,7 +29,7 @@ from engine_pretrain import teacher_view
 from util import cli
 from util.checkpoint import load_model_state
 from util.cli import UserError
-from util.data import load_rgb, to_device_normalized
+from util.data import eval_geometry, load_rgb, to_device_normalized
 from util.demo_data import ensure_demo_dataset
 from util.logger import log
 from util.pretrained import model_state, read_checkpoint
@@ -197,8 +196,7 @@ def image_paths(sources, count):
 
 def load_images(paths, size):
     """uint8 [N, 3, size, size]: resized to size / 0.875 and centre-cropped, the geometry of evaluation."""
-    prepare = transforms.Compose([transforms.Resize(int(size / 0.875), interpolation=InterpolationMode.BICUBIC),
-                                  transforms.CenterCrop(size), transforms.PILToTensor()])
+    prepare = transforms.Compose([*eval_geometry(size), transforms.PILToTensor()])
     return torch.stack([prepare(load_rgb(p)) for p in paths])
 
 

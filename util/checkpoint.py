@@ -7,10 +7,10 @@ import shutil
 
 import torch
 
+from util import rng
 from util.cli import UserError
 from util.distributed import is_main
 from util.logger import log
-from util import rng
 
 LAST = 'checkpoint-last.pth'
 

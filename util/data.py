@@ -3,6 +3,7 @@
 Images leave the workers as uint8 tensors (4x less to copy than float) and are normalised on the
 training device by `to_device_normalized`."""
 import contextlib
+import functools
 import os
 import random
 
@@ -22,13 +23,21 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+# What PIL raises for a file that is not a readable image.
+READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def unreadable(path, error):
+    return UserError(f'cannot read image {path} ({error}); delete or replace the file')
+
+
 def load_rgb(path):
     """Open an image as RGB; an unreadable file is a UserError naming it."""
     try:
         with open(path, 'rb') as f:
             return Image.open(f).convert('RGB')
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise UserError(f'cannot read image {path} ({e}); delete or replace the file') from None
+    except READ_ERRORS as e:
+        raise unreadable(path, e) from None
 
 
 PRETRAIN_SCALE = (0.2, 1.0)
@@ -179,19 +188,22 @@ class BadImages:
         return total
 
 
+@functools.lru_cache(maxsize=None)
+def _channels(values, device, dtype=torch.float32):
+    """A per-channel constant [1, 3, 1, 1] on `device`, made once: building it every step would be a
+    blocking host-to-GPU copy per step."""
+    return torch.tensor(values, device=device, dtype=dtype).view(1, 3, 1, 1)
+
+
 def to_device_normalized(images, device, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """uint8 [B, 3, H, W] -> float32 on `device`, scaled to [0, 1] and normalised."""
     x = images.to(device, non_blocking=True).float().div_(255.0)
-    mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(std, device=device).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return (x - _channels(mean, x.device)) / _channels(std, x.device)
 
 
 def renormalize(x, src_mean, src_std, dst_mean, dst_std):
     """Change an image batch from one normalisation to another (e.g. ImageNet's to CLIP's)."""
-    shape = (1, 3, 1, 1)
-    s_m, s_s, d_m, d_s = (torch.tensor(v, device=x.device, dtype=x.dtype).view(shape)
-                          for v in (src_mean, src_std, dst_mean, dst_std))
+    s_m, s_s, d_m, d_s = (_channels(v, x.device, x.dtype) for v in (src_mean, src_std, dst_mean, dst_std))
     return (x * s_s + s_m - d_m) / d_s
 
 
@@ -214,14 +226,16 @@ def linprobe_transform(input_size):
     ])
 
 
+def eval_geometry(input_size):
+    """Resize to input_size / 0.875 (bicubic) and centre crop: 224 -> 256 -> 224 as usual."""
+    return [transforms.Resize(int(input_size / 0.875), interpolation=InterpolationMode.BICUBIC),
+            transforms.CenterCrop(input_size)]
+
+
 def eval_transform(input_size):
-    """Resize to input_size / 0.875 (bicubic), centre crop, normalise; 224 -> 256 -> 224 as usual."""
-    return transforms.Compose([
-        transforms.Resize(int(input_size / 0.875), interpolation=InterpolationMode.BICUBIC),
-        transforms.CenterCrop(input_size),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+    """The evaluation geometry, then a normalised float tensor."""
+    return transforms.Compose([*eval_geometry(input_size), transforms.ToTensor(),
+                               transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
 class ShardSampler(torch.utils.data.Sampler):

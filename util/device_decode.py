@@ -15,7 +15,7 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms import RandomResizedCrop
 
 from util.cli import UserError
-from util.data import PRETRAIN_SCALE, TrainSet
+from util.data import PRETRAIN_SCALE, READ_ERRORS, TrainSet, unreadable
 
 
 class EncodedImages(NamedTuple):
@@ -38,8 +38,8 @@ class EncodedTrainSet(TrainSet):
                 data = f.read()
             with Image.open(io.BytesIO(data)) as header:  # reads the size only
                 top, left, h, w = RandomResizedCrop.get_params(header, list(PRETRAIN_SCALE), [3 / 4, 4 / 3])
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            raise UserError(f'cannot read image {path} ({e}); delete or replace the file') from None
+        except READ_ERRORS as e:
+            raise unreadable(path, e) from None
         flip = int(torch.rand(1) < 0.5)  # the same draw RandomHorizontalFlip makes, after the crop's
         return (torch.frombuffer(bytearray(data), dtype=torch.uint8), torch.tensor([top, left, h, w, flip]),
                 path), label
