@@ -32,6 +32,26 @@ def test_forward_masks_exactly_the_unkept_patches_and_encodes_only_visible():
     assert seen == [torch.Size([3, 1 + 4, 64])]  # class token + 4 visible patches
 
 
+def test_visible_patch_embedding_equals_the_convolution_then_gather():
+    """The encoder embeds only the kept patches (a linear map on their pixels); it must agree with timm's conv
+    patch embedding over all patches followed by the gather, in value and in the weight gradients."""
+    model = tiny(target='pixel')
+    imgs = torch.randn(3, 3, 32, 32)
+    ids_keep = masking_order(3, 16, 'cpu')[:, :5]
+    fast = model.embed_patches(imgs, ids_keep)
+    (fast * torch.linspace(-1, 1, fast.numel()).view_as(fast)).sum().backward()
+    fast_grads = [p.grad.clone() for p in model.patch_embed.parameters()]
+    model.zero_grad()
+    full = model.patch_embed(imgs) + model.pos_embed[:, 1:]
+    ref = torch.gather(full, 1, ids_keep[..., None].expand(-1, -1, full.shape[-1]))
+    (ref * torch.linspace(-1, 1, ref.numel()).view_as(ref)).sum().backward()
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(fast_grads, [p.grad for p in model.patch_embed.parameters()]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match='takes 32x32 images, got 48x48'):
+        model.embed_patches(torch.randn(1, 3, 48, 48), ids_keep[:1])
+
+
 def test_random_masking_is_uniform():
     torch.manual_seed(0)
     n, L, keep = 40000, 8, 2
