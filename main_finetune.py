@@ -59,20 +59,27 @@ def build_optimizer(args, model):
     return adamw(groups, args.lr, (0.9, 0.999), next(model.parameters()).device)
 
 
-def main(args):
-    mixup = None
+def build_criterion(args):
+    """(loss, mixup/cutmix or None): soft-target cross-entropy under mixup/cutmix (which smooths the labels
+    itself), else label smoothing when --smoothing, else plain cross-entropy."""
     if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
         check(args.batch_size % 2 == 0, f'mixup/cutmix pair images: --batch_size {args.batch_size} must be even')
         mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
                       prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
                       label_smoothing=args.smoothing, num_classes=args.nb_classes)
-        criterion = SoftTargetCrossEntropy()
-    elif args.smoothing > 0:
-        criterion = LabelSmoothingCrossEntropy(args.smoothing)
-    else:
-        criterion = nn.CrossEntropyLoss()
-    transform = finetune_transform(args.input_size, args.aa or None, args.reprob, args.remode, args.recount)
-    return run(args, KIND, build_model, build_optimizer, transform, criterion, mixup)
+        return SoftTargetCrossEntropy(), mixup
+    if args.smoothing > 0:
+        return LabelSmoothingCrossEntropy(args.smoothing), None
+    return nn.CrossEntropyLoss(), None
+
+
+def train_transform(args):
+    return finetune_transform(args.input_size, args.aa or None, args.reprob, args.remode, args.recount)
+
+
+def main(args):
+    criterion, mixup = build_criterion(args)
+    return run(args, KIND, build_model, build_optimizer, train_transform(args), criterion, mixup)
 
 
 if __name__ == '__main__':

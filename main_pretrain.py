@@ -83,6 +83,28 @@ def build_teacher(args, patch_size, grid_size):
     return teacher
 
 
+def build_model(args, teacher):
+    """The student (on the CPU) for these flags; its prediction width is the teacher's feature width."""
+    model = models_milan.create_model(
+        args.model, img_size=args.input_size, target='clip' if args.use_clip else 'pixel',
+        target_dim=teacher.output_dim if teacher is not None else 512,
+        prompting_decoder=args.change_decoder, norm_pix_loss=args.norm_pix_loss)
+    check(model.num_visible(args.mask_ratio) >= 1,
+          f'--mask_ratio {args.mask_ratio} leaves no visible patch out of {model.num_patches}')
+    return model
+
+
+def build_optimizer(args, model):
+    return adamw(param_groups_weight_decay(model, args.weight_decay), args.lr, (0.9, 0.95),
+                 next(model.parameters()).device)
+
+
+def compile_models(args, device, model, teacher):
+    """--compile: the student's encoder and decoder blocks and the teacher's blocks."""
+    runtime.compile_blocks(args, device, model.blocks, model.decoder_blocks,
+                           teacher.transformer.resblocks if teacher is not None else [])
+
+
 def fixed_images(dataset, count, size):
     """The same few readable images, spread over the dataset, so TensorBoard's panels show how masks,
     losses and attention evolve."""
@@ -108,17 +130,10 @@ def main(args):
     check(args.input_size % patch_size == 0,
           f'--input_size {args.input_size} is not a multiple of {args.model}\'s {patch_size}px patches')
     teacher = build_teacher(args, patch_size, args.input_size // patch_size)
-    model = models_milan.create_model(
-        args.model, img_size=args.input_size, target='clip' if args.use_clip else 'pixel',
-        target_dim=teacher.output_dim if teacher is not None else 512,
-        prompting_decoder=args.change_decoder, norm_pix_loss=args.norm_pix_loss)
-    check(model.num_visible(args.mask_ratio) >= 1,
-          f'--mask_ratio {args.mask_ratio} leaves no visible patch out of {model.num_patches}')
-    model.to(device)
+    model = build_model(args, teacher).to(device)
     if teacher is not None:
         teacher.to(device)
-    runtime.compile_blocks(args, device, model.blocks, model.decoder_blocks,
-                           teacher.transformer.resblocks if teacher is not None else [])
+    compile_models(args, device, model, teacher)
 
     log(f'model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; target '
         f'{"CLIP features" if args.use_clip else "pixels"}, {"prompting" if args.change_decoder else "MAE"} '
@@ -126,7 +141,7 @@ def main(args):
     runtime.set_lr_from_batch(args)
     model_without_ddp = model
     model = runtime.wrap_ddp(model, device, args)
-    optimizer = adamw(param_groups_weight_decay(model_without_ddp, args.weight_decay), args.lr, (0.9, 0.95), device)
+    optimizer = build_optimizer(args, model_without_ddp)
     scaler = grad_scaler(args.precision, device)
     start, _ = resume_training(args, model_without_ddp, optimizer, scaler, KIND, same_flags=RESUME_FLAGS)
     logger = runtime.open_logger(args, start[0])

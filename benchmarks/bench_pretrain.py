@@ -1,0 +1,143 @@
+"""Pretraining speed: images/s, ms per step, peak GPU memory and model-FLOP utilisation of the real training
+step (engine_pretrain.train_one_epoch: teacher forward, masking, student forward and backward, fused AdamW,
+the training loop's own checks), built by main_pretrain from its own flags; fed one synthetic batch already
+on the device, or (--data jpeg) the real loader over a folder of JPEGs. --loader times the input pipeline
+alone.
+
+    python benchmarks/bench_pretrain.py --models mae_vit_base_patch16 --batch_sizes 256 --compile on off
+    python benchmarks/bench_pretrain.py --mode mae --batch_sizes 256                # MAE pixel baseline
+    python benchmarks/bench_pretrain.py --data jpeg --generate 4000 --gpu_decode   # step fed from JPEGs
+    python benchmarks/bench_pretrain.py --loader --generate 4000 [--gpu_decode]    # input pipeline alone
+    python benchmarks/bench_pretrain.py --device cpu --models mae_vit_tiny_patch8 --input_size 64 \\
+        --batch_sizes 8 --precisions fp32 --compile off --steps 2 --warmup 1 --teacher tiny   # CPU smoke
+
+FLOPs per image are counted (torch.utils.flop_counter on one eager fp32 step, matrix products only), not
+assumed; utilisation divides the achieved FLOP/s by --peak_tflops. The teacher has random weights of the
+chosen shape (--teacher vit_b16 is the paper's CLIP ViT-B/16): speed does not depend on weight values, and
+nothing is downloaded.
+"""
+import argparse
+import itertools
+import time
+
+import torch
+
+import common  # noqa: F401  (puts the repository on sys.path)
+import main_pretrain
+import models_milan
+from engine_pretrain import train_one_epoch
+from util.clip_teacher import build_random_teacher
+from util.data import image_folder, pretrain_transform, train_loader
+from util.device_decode import decode_on_device
+from util.logger import RunLogger
+from util.precision import grad_scaler
+
+MODES = {  # main_pretrain flags of each setting
+    'milan': ['--use_clip', '--change_decoder', '--attn_mask'],
+    'mae': ['--norm_pix_loss'],
+}
+TEACHERS = {'vit_b16': dict(width=768, layers=12, output_dim=512), 'tiny': dict(width=64, layers=2, output_dim=64)}
+
+
+def run_args(opts, model_name, batch_size, precision, compile_):
+    """main_pretrain's own flags and defaults for this setting."""
+    argv = ['--model', model_name, '--batch_size', str(batch_size), '--input_size', str(opts.input_size),
+            '--precision', precision, '--device', opts.device, '--print_freq', '1000000', '--epochs', '1000',
+            '--warmup_epochs', '1', '--compile' if compile_ else '--no-compile', *MODES[opts.mode]]
+    args = main_pretrain.get_args_parser().parse_args(argv)
+    args.lr, args.distributed, args.rank, args.world_size = 1e-4, False, 0, 1
+    return args
+
+
+def build(opts, args, device):
+    """run_epoch(loader): the training epoch over `loader`, with main_pretrain's model, teacher and optimizer
+    (compiled when args.compile)."""
+    teacher = None
+    if args.use_clip:
+        patch = models_milan.MODELS[args.model]['patch_size']
+        teacher = build_random_teacher(patch, args.input_size // patch, **TEACHERS[opts.teacher]).to(device)
+    model = main_pretrain.build_model(args, teacher).to(device)
+    main_pretrain.compile_models(args, device, model, teacher)
+    optimizer = main_pretrain.build_optimizer(args, model)
+    scaler, logger = grad_scaler(args.precision, device), RunLogger(None, None)
+    return lambda loader: train_one_epoch(model, teacher, loader, optimizer, scaler, 0, args, device, logger)
+
+
+def synthetic_batch(opts, batch_size, device):
+    """uint8 images on the device, as the loader's batches arrive (the step normalises them)."""
+    images = torch.randint(0, 256, (batch_size, 3, opts.input_size, opts.input_size), dtype=torch.uint8,
+                           device=device)
+    return images, torch.zeros(batch_size, dtype=torch.long), []
+
+
+def jpeg_loader(opts, folder, batch_size, device):
+    """main_pretrain's loader over `folder` (--gpu_decode: workers read bytes, the device decodes)."""
+    dataset = image_folder(folder, 'train', pretrain_transform(opts.input_size))
+    return train_loader(dataset, batch_size, opts.num_workers, device.type == 'cuda', 0,
+                        opts.input_size if opts.gpu_decode else None)
+
+
+def bench_steps(opts, device, folder):
+    table = common.Table('mode', 'model', 'batch', 'precision', 'compile', 'data', 'images/s', 'ms/step',
+                         'peak GiB', 'GFLOP/image', 'MFU')
+    data = 'synthetic' if folder is None else f'jpeg, {opts.num_workers} workers' + (
+        ', gpu decode' if opts.gpu_decode else '')
+    peak = common.peak_tflops(opts, device)
+    for model_name, batch_size in itertools.product(opts.models, opts.batch_sizes):
+        batch = synthetic_batch(opts, batch_size, device)
+        flops = common.flops_per_image(
+            common.quiet(build, opts, run_args(opts, model_name, batch_size, 'fp32', False), device), batch)
+        for precision, compile_ in itertools.product(opts.precisions, opts.compile):
+            run_epoch = common.quiet(build, opts, run_args(opts, model_name, batch_size, precision,
+                                                           compile_ == 'on'), device)
+            source = itertools.repeat(batch) if folder is None else \
+                common.endless(jpeg_loader(opts, folder, batch_size, device))
+            seconds, peak_gib = common.time_steps(run_epoch, source, opts, device)
+            table.row(opts.mode, model_name, batch_size, precision, compile_, data,
+                      *common.step_row(batch_size, seconds, peak_gib, flops, peak))
+
+
+def bench_loader(opts, device, folder):
+    """Images/s of the training loader alone (decode, crop, flip, collate; uint8 out); with --gpu_decode the
+    workers read files and the batches are decoded and augmented on the device."""
+    table = common.Table('decode', 'batch', 'workers', 'images/s', 'files')
+    for batch_size in opts.batch_sizes:
+        loader = jpeg_loader(opts, folder, batch_size, device)
+        batches = common.endless(loader)
+
+        def next_images():
+            images = next(batches)[0]
+            return decode_on_device(images, device, opts.input_size)[0] if opts.gpu_decode else images
+
+        for _ in range(max(opts.warmup, 1)):  # workers started, first batches queued
+            next_images()
+        common.synchronize(device)
+        start = time.perf_counter()
+        count = sum(len(next_images()) for _ in range(opts.steps))
+        common.synchronize(device)
+        speed = count / (time.perf_counter() - start)
+        where = f'{device.type} (device)' if opts.gpu_decode else 'CPU workers'
+        table.row(where, batch_size, opts.num_workers, f'{speed:,.0f}', len(loader.dataset))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_common_args(parser, models_milan.MODELS, 'mae_vit_base_patch16', 256)
+    parser.add_argument('--mode', default='milan', choices=sorted(MODES),
+                        help='milan: --use_clip --change_decoder --attn_mask; mae: the pixel baseline')
+    parser.add_argument('--teacher', default='vit_b16', choices=sorted(TEACHERS),
+                        help='shape of the random-weight CLIP teacher (vit_b16: the paper\'s CLIP ViT-B/16)')
+    parser.add_argument('--gpu_decode', action='store_true', help='decode and augment on the device (nvJPEG)')
+    parser.add_argument('--loader', action='store_true', help='time the input pipeline alone')
+    opts = parser.parse_args()
+    device = torch.device(opts.device)
+    common.print_header(device)
+    if opts.loader or opts.data == 'jpeg':
+        with common.jpeg_folder(opts) as folder:
+            (bench_loader if opts.loader else bench_steps)(opts, device, folder)
+    else:
+        bench_steps(opts, device, None)
+
+
+if __name__ == '__main__':
+    main()
