@@ -51,6 +51,12 @@ def build(args, device):
                                           mixup)
 
 
+def synthetic_batch(opts, batch_size, device):
+    """Normalised float images and labels on the device (the fine-tuning loader normalises on the CPU)."""
+    shape = (batch_size, 3, opts.input_size, opts.input_size)
+    return torch.randn(shape, device=device), torch.randint(0, 1000, (batch_size,), device=device), []
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_args(parser, models_vit.MODELS, 'vit_base_patch16', 128)
@@ -63,10 +69,10 @@ def main():
         data = 'synthetic' if folder is None else f'jpeg, {opts.num_workers} workers'
         peak = common.peak_tflops(opts, device)
         for model_name, batch_size in itertools.product(opts.models, opts.batch_sizes):
-            shape = (batch_size, 3, opts.input_size, opts.input_size)
-            batch = torch.randn(shape, device=device), torch.randint(0, 1000, (batch_size,), device=device), []
-            flops = common.flops_per_image(
-                common.quiet(build, run_args(opts, model_name, batch_size, 'fp32', False), device), batch)
+            # FLOPs per image do not depend on the batch size: count them on two images, eager fp32
+            flops = common.flops_per_image(common.quiet(build, run_args(opts, model_name, 2, 'fp32', False), device),
+                                           synthetic_batch(opts, 2, device))
+            batch = synthetic_batch(opts, batch_size, device)
             for precision, compile_ in itertools.product(opts.precisions, opts.compile):
                 args = run_args(opts, model_name, batch_size, precision, compile_ == 'on')
                 run_epoch = common.quiet(build, args, device)
@@ -79,6 +85,8 @@ def main():
                 seconds, peak_gib = common.time_steps(run_epoch, source, opts, device)
                 table.row(model_name, batch_size, precision, compile_, data,
                           *common.step_row(batch_size, seconds, peak_gib, flops, peak))
+                del run_epoch, source
+                common.release(device)
 
 
 if __name__ == '__main__':

@@ -84,9 +84,10 @@ def bench_steps(opts, device, folder):
         ', gpu decode' if opts.gpu_decode else '')
     peak = common.peak_tflops(opts, device)
     for model_name, batch_size in itertools.product(opts.models, opts.batch_sizes):
+        # FLOPs per image do not depend on the batch size: count them on two images, eager fp32
+        flops = common.flops_per_image(common.quiet(build, opts, run_args(opts, model_name, 2, 'fp32', False), device),
+                                       synthetic_batch(opts, 2, device))
         batch = synthetic_batch(opts, batch_size, device)
-        flops = common.flops_per_image(
-            common.quiet(build, opts, run_args(opts, model_name, batch_size, 'fp32', False), device), batch)
         for precision, compile_ in itertools.product(opts.precisions, opts.compile):
             run_epoch = common.quiet(build, opts, run_args(opts, model_name, batch_size, precision,
                                                            compile_ == 'on'), device)
@@ -95,6 +96,8 @@ def bench_steps(opts, device, folder):
             seconds, peak_gib = common.time_steps(run_epoch, source, opts, device)
             table.row(opts.mode, model_name, batch_size, precision, compile_, data,
                       *common.step_row(batch_size, seconds, peak_gib, flops, peak))
+            del run_epoch, source
+            common.release(device)
 
 
 def bench_loader(opts, device, folder):

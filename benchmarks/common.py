@@ -3,6 +3,7 @@ counted FLOPs, the timing loop over the real training epoch, ImageNet-like JPEGs
 import argparse
 import contextlib
 import datetime
+import gc
 import io
 import itertools
 import os
@@ -103,6 +104,14 @@ def quiet(fn, *args):
 def synchronize(device):
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
+
+
+def release(device):
+    """Free what the previous setting left (model, optimizer, loader workers, cached GPU blocks), so that
+    settings do not share memory or cores."""
+    gc.collect()
+    if device.type == 'cuda':
+        torch.cuda.empty_cache()
 
 
 def flops_per_image(run_epoch, batch):
