@@ -18,8 +18,8 @@ from util.pretrained import load_pretrained
 
 KIND = 'finetune'
 DEMO_DEFAULTS = dict(model='vit_tiny_patch8', input_size=64, batch_size=32, epochs=10, warmup_epochs=1, blr=2e-3,
-                     layer_decay=0.75, drop_path=0.0, nb_classes=4, num_workers=2, print_freq=4, save_every=5,
-                     output_dir='./output_demo/finetune')
+                     layer_decay=0.75, drop_path=0.0, mixup=0.0, cutmix=0.0, nb_classes=4, num_workers=2,
+                     print_freq=4, save_every=5, output_dir='./output_demo/finetune')
 
 
 def get_args_parser():
@@ -35,8 +35,8 @@ def get_args_parser():
     g.add_argument('--reprob', type=float, default=0.25, help='random erasing probability')
     g.add_argument('--remode', default='pixel')
     g.add_argument('--recount', type=int, default=1)
-    g.add_argument('--mixup', type=float, default=0.0, help='mixup alpha (0: off)')
-    g.add_argument('--cutmix', type=float, default=0.0, help='cutmix alpha (0: off)')
+    g.add_argument('--mixup', type=float, default=0.8, help='mixup alpha (0: off)')
+    g.add_argument('--cutmix', type=float, default=1.0, help='cutmix alpha (0: off)')
     g.add_argument('--cutmix_minmax', type=float, nargs=2, default=None)
     g.add_argument('--mixup_prob', type=float, default=1.0)
     g.add_argument('--mixup_switch_prob', type=float, default=0.5)

@@ -26,14 +26,11 @@ from util import runtime
 from util.logger import RunLogger
 from util.precision import grad_scaler
 
-RECIPE = ['--mixup', '0.8', '--cutmix', '1.0']  # on top of main_finetune's defaults (SPEC section 6)
-
-
 def run_args(opts, model_name, batch_size, precision, compile_):
-    """main_finetune's own flags and defaults for this setting, 1000 classes."""
+    """main_finetune's own flags and defaults (the published recipe) for this setting, 1000 classes."""
     argv = ['--model', model_name, '--batch_size', str(batch_size), '--input_size', str(opts.input_size),
             '--precision', precision, '--device', opts.device, '--print_freq', '1000000', '--epochs', '1000',
-            '--warmup_epochs', '1', '--nb_classes', '1000', '--compile' if compile_ else '--no-compile', *RECIPE]
+            '--warmup_epochs', '1', '--nb_classes', '1000', '--compile' if compile_ else '--no-compile']
     args = main_finetune.get_args_parser().parse_args(argv)
     args.lr, args.distributed, args.rank, args.world_size = 1e-4, False, 0, 1
     return args

@@ -59,13 +59,15 @@ def test_undecodable_and_cmyk_files(tiny_data, tmp_path, capsys):
     buffer = io.BytesIO()
     Image.open(cmyk).convert('CMYK').save(buffer, 'JPEG')
     cmyk.write_bytes(buffer.getvalue())
+    others = [data / 'train' / 'disc' / f'other.{ext}' for ext in ('bmp', 'tiff', 'png')]  # formats PIL reads
+    for path in others:
+        Image.open(data / 'train' / 'disc' / 'disc_0002.JPEG').save(path)
     folder = image_folder(str(data), 'train', None)
     encoded = EncodedTrainSet(folder, seed=0, input_size=SIZE)
     index = {path: i for i, (path, _) in enumerate(folder.samples)}
-    batch, _, _ = collate_encoded([encoded[(index[str(broken)], 0)], encoded[(index[str(cmyk)], 0)],
-                                   encoded[(0, 0)]])
+    batch, _, _ = collate_encoded([encoded[(index[str(path)], 0)] for path in [broken, cmyk, *others]])
     images, unreadable = decode_on_device(batch, 'cpu', SIZE)
-    assert images.shape == (3, 3, SIZE, SIZE) and unreadable == [str(broken)]
+    assert images.shape == (5, 3, SIZE, SIZE) and unreadable == [str(broken)]
 
     import main_pretrain
     from util.cli import parse_args

@@ -7,11 +7,12 @@ what the tests exercise."""
 import io
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import default_collate
-from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import RandomResizedCrop
 
 from util.cli import UserError
@@ -55,7 +56,7 @@ def collate_encoded(batch):
 
 def _decode(encoded, device):
     """RGB uint8 [3, H, W] per image: the batch through the device's JPEG decoder; an image it refuses
-    (CMYK, PNG disguised as JPEG, damage only found when decoding) falls back to the CPU's general decoder.
+    (CMYK, PNG, BMP, TIFF, damage only found when decoding) falls back to PIL on the CPU.
     Returns the images and the paths of those no decoder could read."""
     try:
         return decode_jpeg(encoded.data, mode=ImageReadMode.RGB, device=device), []
@@ -63,9 +64,11 @@ def _decode(encoded, device):
         pass
     images, bad = [], []
     for data, path in zip(encoded.data, encoded.paths):
-        try:
-            images.append(decode_image(data, mode=ImageReadMode.RGB).to(device))
-        except RuntimeError:
+        try:  # PIL, as the CPU pipeline reads it: every format an image folder may hold (BMP, TIFF, ...)
+            with Image.open(io.BytesIO(data.numpy().tobytes())) as image:
+                rgb = np.asarray(image.convert('RGB'))
+            images.append(torch.from_numpy(rgb.copy()).permute(2, 0, 1).to(device))
+        except READ_ERRORS:
             images.append(None)
             bad.append(path)
     return images, bad

@@ -44,9 +44,8 @@ def train_epoch(model, loader, compute_loss, optimizer, scaler, epoch, args, dev
     window_iters, lr, stopped, it = 0, optimizer.param_groups[0]['lr'], False, start_iter - 1
     epoch_start = window_start = last_save = time.time()
 
-    for it, batch in enumerate(loader, start=start_iter):
-        if it >= num_iters:
-            break
+    # the range ends the epoch before a trailing incomplete accumulation window is even loaded
+    for it, batch in zip(range(start_iter, num_iters), loader):
         if it % accum == 0:
             lr = cosine_lr(epoch + (it // accum) / steps_per_epoch, args.lr, args.min_lr,
                            args.warmup_epochs, args.epochs)
