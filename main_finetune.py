@@ -77,7 +77,18 @@ def train_transform(args):
     return finetune_transform(args.input_size, args.aa or None, args.reprob, args.remode, args.recount)
 
 
+def validate_args(args):
+    """The fine-tuning flags that would otherwise fail deep in training, or be silently meaningless."""
+    for flag in ('drop_path', 'smoothing'):
+        check(0 <= getattr(args, flag) < 1, f'--{flag} must be in [0, 1), got {getattr(args, flag)}')
+    for flag in ('reprob', 'mixup_prob', 'mixup_switch_prob'):
+        check(0 <= getattr(args, flag) <= 1, f'--{flag} is a probability, got {getattr(args, flag)}')
+    check(args.mixup >= 0 and args.cutmix >= 0, '--mixup and --cutmix alphas must not be negative (0: off)')
+    check(0 < args.layer_decay <= 1, f'--layer_decay must be in (0, 1], got {args.layer_decay}')
+
+
 def main(args):
+    validate_args(args)
     criterion, mixup = build_criterion(args)
     return run(args, KIND, build_model, build_optimizer, train_transform(args), criterion, mixup)
 

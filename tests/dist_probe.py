@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 import models_milan  # noqa: E402
 from util import distributed as udist  # noqa: E402
 from util.clip_teacher import build_random_teacher  # noqa: E402
-from util.data import image_folder, pretrain_transform, to_device_normalized, train_loader  # noqa: E402
+from util.data import BadImages, image_folder, pretrain_transform, to_device_normalized, train_loader  # noqa: E402
 
 INPUT_SIZE = 32
 BATCH_SIZE = 8
@@ -142,6 +142,18 @@ def ddp_probe(first_batches, device):
     return out
 
 
+def bad_images_probe(rank):
+    """BadImages' totals after three checks, as the shuffle hands the same bad files to different ranks:
+    check 1: rank 0 met a.jpg, rank 1 met a.jpg and b.jpg; check 2: nothing new; check 3: rank 0 met b.jpg."""
+    bad = BadImages(dataset_size=100, max_frac=0.5)
+    met = [['a.jpg'], ['a.jpg', 'b.jpg']][rank]
+    totals = []
+    for paths in (met, [], ['b.jpg'] if rank == 0 else []):
+        bad.add(paths)
+        totals.append(bad.check())
+    return totals
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument('data')
@@ -161,6 +173,8 @@ def main():
 
     teacher = build_random_teacher(8, INPUT_SIZE // 8)  # the --clip_model random teacher must agree across ranks
     record['teacher_max_diff'] = max_cross_rank_diff(flat_params(teacher))
+
+    record['bad_image_totals'] = bad_images_probe(args.rank)
 
     os.makedirs(cli.out_dir, exist_ok=True)
     path = os.path.join(cli.out_dir, f'rank{args.rank}.json')

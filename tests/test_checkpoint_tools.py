@@ -110,6 +110,9 @@ def test_export_refuses_a_linear_probe_and_a_wrong_model(finetuned, tmp_path):
     with pytest.raises(UserError, match='holds a vit_tiny_patch8 encoder, not --model vit_base_patch16'):
         tool('export-timm', finetuned, tmp_path / 'out.pth', '--model', 'vit_base_patch16')
     assert not (tmp_path / 'out.pth').exists()
+    for command in ('export-timm', 'import-mae'):
+        with pytest.raises(UserError, match=f'cannot write {tmp_path}/nodir/out.pth: there is no folder'):
+            tool(command, finetuned, tmp_path / 'nodir' / 'out.pth')
 
 
 def test_summary_of_pretraining_and_finetuning(pretrained, finetuned, capsys):

@@ -163,6 +163,12 @@ def test_ranks_see_different_images(probe):
         probe[0]['epochs'][1]['sampler_indices'] + probe[1]['epochs'][1]['sampler_indices']
 
 
+def test_unreadable_images_are_counted_once_over_all_processes(probe):
+    """Two distinct bad files, met by both ranks at different times: 2, never 3 or 4 (a per-process count
+    summed over ranks would stop a multi-GPU run at a fraction of --max_bad_frac)."""
+    assert [rec['bad_image_totals'] for rec in probe] == [[2, 2, 2], [2, 2, 2]]
+
+
 def test_ddp_step_keeps_ranks_identical(probe):
     for rec in probe:
         d = rec['ddp']

@@ -423,6 +423,18 @@ def test_missing_finetune_file(tiny_data, tmp_path):
                     cls_argv(tiny_data, tmp_path / 'out', '--finetune', '/nonexistent.pth'))
 
 
+@pytest.mark.parametrize('flags,message', [
+    (['--drop_path', '1.5'], r'--drop_path must be in \[0, 1\), got 1.5'),
+    (['--smoothing', '1'], r'--smoothing must be in \[0, 1\)'),
+    (['--reprob', '2'], '--reprob is a probability, got 2.0'),
+    (['--mixup_prob', '-0.1'], '--mixup_prob is a probability'),
+    (['--cutmix', '-1'], '--mixup and --cutmix alphas must not be negative'),
+    (['--layer_decay', '0'], r'--layer_decay must be in \(0, 1\]'),
+], ids=['drop_path', 'smoothing', 'reprob', 'mixup_prob', 'cutmix', 'layer_decay'])
+def test_bad_finetuning_flags(tiny_data, tmp_path, flags, message):
+    raises_one_line(message, main_finetune, cls_argv(tiny_data, tmp_path / 'out', *flags))
+
+
 @pytest.mark.parametrize('entry', [main_finetune, main_linprobe], ids=['finetune', 'linprobe'])
 def test_eval_needs_resume(tiny_data, tmp_path, entry):
     raises_one_line('--eval needs --resume CHECKPOINT', entry, cls_argv(tiny_data, tmp_path / 'out', '--eval'))

@@ -116,6 +116,12 @@ def test_teacher_from_a_state_dict_file(tiny_data, tmp_path):
     (['--use_clip', '--average_targets', '5'], 'out of range'),
     (['--average_targets', '2'], '--average_targets needs --use_clip'),
     (['--resume', '/nonexistent.pth'], 'no such file'),
+    (['--num_workers', '-1'], '--num_workers must be 0 or more'),
+    (['--lr', '-1'], '--blr and --lr must be positive'),
+    (['--blr', '0'], '--blr and --lr must be positive'),
+    (['--weight_decay', '-1'], '--weight_decay must not be negative'),
+    (['--clip_grad', '0'], '--clip_grad must be positive'),
+    (['--device', 'foo'], '--device foo is not a device'),
 ])
 def test_bad_flags_give_one_clear_error(tiny_data, tmp_path, flags, message):
     with pytest.raises(UserError, match=message):

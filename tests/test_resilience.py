@@ -70,6 +70,22 @@ def test_stop_signal_mid_epoch_saves_and_resumes_to_the_identical_model(tiny_dat
     assert losses(out)[0] == losses(reference)[0]  # epoch 0 ran uninterrupted in both
 
 
+def test_stop_on_an_epochs_last_iteration_ends_that_epoch_properly(tiny_data, tmp_path, reference):
+    """A stop seen at the epoch's last check: the epoch is finished as usual (logged, epoch checkpoint), not
+    saved as a mid-epoch state with nothing left to run, which a resume would log as a zero loss."""
+    out = tmp_path / 'out'
+    code, output = interrupt(argv(tiny_data, out), 'epoch 0 [3/4]', signal.SIGTERM)
+    assert code == 0, output
+    assert 'stopped after epoch 0, checkpoint saved' in output
+    ckpt = torch.load(out / 'checkpoint-last.pth', weights_only=True)
+    assert ckpt['epoch'] == 0 and not ckpt.get('resume_iter')
+    result = run_cli(argv(tiny_data, out))
+    assert result.returncode == 0, result.stderr
+    assert f'resumed from {out}/checkpoint-last.pth (epoch 0 done)' in result.stdout
+    assert losses(out) == losses(reference)  # one line per epoch, none of them a zero
+    assert_same_models(final_model(out), final_model(reference))
+
+
 @pytest.mark.parametrize('periodic', [False, True])
 def test_hard_kill_restarts_from_the_last_checkpoint(tiny_data, tmp_path, reference, periodic):
     """SIGKILL gives no chance to save: the run restarts from the last epoch-end checkpoint, or with

@@ -107,7 +107,15 @@ def _compare(state, expected, what):
         raise UserError(f'the weights do not match {what} ({"; ".join(parts)})')
 
 
+def check_out_folder(out):
+    """Before any work: the folder the output goes to must exist."""
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):
+        raise UserError(f'cannot write {out}: there is no folder {folder}; create it first')
+
+
 def export_timm(args):
+    check_out_folder(args.out)
     ckpt = read_checkpoint(args.checkpoint)
     state = model_state(ckpt, args.checkpoint)
     if ckpt.get('kind') == 'linprobe' or 'head.1.weight' in state:
@@ -145,6 +153,7 @@ def export_timm(args):
 
 
 def import_mae(args):
+    check_out_folder(args.out)
     ckpt = read_checkpoint(args.checkpoint)
     if ckpt.get('kind') in OUR_KINDS:
         raise UserError(f'{args.checkpoint} is already a {ckpt["kind"]} checkpoint of this repository')

@@ -83,6 +83,20 @@ def load_model_state(model, state, path):
                         f'use the --model and flags it was trained with') from None
 
 
+def load_optimizer_state(optimizer, state):
+    """The checkpoint's moments and step counts, under this run's hyperparameters: load_state_dict would also
+    bring back the saved weight decay, layer-decay scales and betas, silently overriding changed flags."""
+    current = [{k: v for k, v in group.items() if k != 'params'} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    changed = set()
+    for group, wanted in zip(optimizer.param_groups, current):
+        changed |= {k for k, v in wanted.items() if k != 'lr' and group.get(k) != v}
+        group.update(wanted)
+    if changed:
+        log(f'resumed with this run\'s optimizer settings, which differ from the checkpoint\'s: '
+            f'{", ".join(sorted(changed))}')
+
+
 def resume_training(args, model, optimizer, scaler, kind, same_flags=('model',)):
     """Restore model, optimizer, scaler and every process's RNG from --resume or the newest checkpoint in
     output_dir. Returns ((epoch, iteration) to start from, the checkpoint or None). A mid-epoch checkpoint
@@ -99,13 +113,13 @@ def resume_training(args, model, optimizer, scaler, kind, same_flags=('model',))
             raise UserError(f'checkpoint {path} was trained with --{flag} {saved[flag]}, not {getattr(args, flag)}; '
                             f'resume with the same --{flag} or use another --output_dir')
     resume_iter = ckpt.get('resume_iter', 0)
-    same_layout = all(saved.get(k) == getattr(args, k) for k in ('world_size', 'batch_size', 'accum_iter'))
+    same_layout = all(saved.get(k) == getattr(args, k) for k in ('world_size', 'batch_size', 'accum_iter', 'seed'))
     if resume_iter and not same_layout:
         raise UserError(f'checkpoint {path} was written mid-epoch by {saved.get("world_size")} processes x batch '
-                        f'{saved.get("batch_size")} x accumulation {saved.get("accum_iter")}; resume with the same '
-                        f'numbers to replay its data order')
+                        f'{saved.get("batch_size")} x accumulation {saved.get("accum_iter")} with --seed '
+                        f'{saved.get("seed")}; resume with the same numbers to replay its data order')
     load_model_state(model, ckpt['model'], path)
-    optimizer.load_state_dict(ckpt['optimizer'])
+    load_optimizer_state(optimizer, ckpt['optimizer'])
     if ckpt.get('scaler'):
         scaler.load_state_dict(ckpt['scaler'])
     if ckpt.get('rng') and len(ckpt['rng']) == args.world_size:

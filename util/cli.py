@@ -104,6 +104,11 @@ def validate_common(args):
     check(args.save_every_min > 0, f'--save_every_min must be positive, got {args.save_every_min}')
     check(0 <= args.max_bad_frac < 1, f'--max_bad_frac must be in [0, 1), got {args.max_bad_frac}')
     check(not args.resume or os.path.isfile(args.resume), f'--resume {args.resume}: no such file')
+    check(args.num_workers >= 0, f'--num_workers must be 0 or more, got {args.num_workers}')
+    check(args.blr > 0 and (args.lr is None or args.lr > 0) and args.min_lr >= 0,
+          '--blr and --lr must be positive and --min_lr not negative')
+    check(args.weight_decay >= 0, f'--weight_decay must not be negative, got {args.weight_decay}')
+    check(args.clip_grad is None or args.clip_grad > 0, f'--clip_grad must be positive, got {args.clip_grad}')
 
 
 def check(condition, message):

@@ -15,7 +15,7 @@ from torchvision import datasets, transforms
 from torchvision.transforms import InterpolationMode
 
 from util.cli import UserError
-from util.distributed import all_reduce_sum, rank, world_size
+from util.distributed import all_reduce_sum, rank, union_of_sets, world_size
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -166,25 +166,30 @@ def train_loader(folder, batch_size, num_workers, pin_memory, seed, input_size=N
 
 
 class BadImages:
-    """Unreadable training images met so far: each logged once; past max_frac of the data, the run stops."""
+    """Unreadable training images met so far, by any process: each logged once by the process that met it;
+    past max_frac of the data, the run stops. Processes meet the same bad file in different epochs, so
+    they pool the paths themselves (counting per process would count one file up to world-size times)."""
 
     def __init__(self, dataset_size, max_frac):
-        self.seen, self.size, self.max_frac = set(), dataset_size, max_frac
+        self.seen, self.new, self.size, self.max_frac = set(), set(), dataset_size, max_frac
 
     def add(self, paths):
         for path in paths:
-            if path not in self.seen:
-                self.seen.add(path)
+            if path not in self.seen and path not in self.new:
+                self.new.add(path)
                 print(f'[rank {rank()}] skipping unreadable image {path}', flush=True)
 
     def check(self):
-        """Collective: every process must call it at the same point."""
-        total = all_reduce_sum(len(self.seen))
+        """Collective: every process must call it at the same point. Paths are exchanged only when some
+        process met a new one, so a clean dataset costs one number per check."""
+        if all_reduce_sum(len(self.new)):
+            self.seen |= union_of_sets(self.new)
+        self.new.clear()
+        total = len(self.seen)
         if total > self.max_frac * self.size:
-            example = f' (such as {min(self.seen)})' if self.seen else ''
-            raise UserError(f'{int(total)} of {self.size} training images are unreadable{example}, more than '
-                            f'--max_bad_frac {self.max_frac}; fix the dataset (the log names them) or raise '
-                            f'--max_bad_frac')
+            raise UserError(f'{total} of {self.size} training images are unreadable (such as {min(self.seen)}), '
+                            f'more than --max_bad_frac {self.max_frac}; fix the dataset (the log names them) or '
+                            f'raise --max_bad_frac')
         return total
 
 

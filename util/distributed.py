@@ -20,7 +20,10 @@ def init_distributed(args):
     else:
         args.rank, args.world_size, args.local_rank = 0, 1, 0
     args.distributed = args.world_size > 1
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise UserError(f'--device {args.device} is not a device; pass cpu or cuda') from None
     if device.type == 'cuda':
         if not torch.cuda.is_available():
             raise UserError('--device cuda was asked for but no CUDA GPU is visible; pass --device cpu')
@@ -83,6 +86,15 @@ def all_reduce_any(flags):
     if dist.is_initialized():
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     return [bool(f) for f in flags.tolist()]
+
+
+def union_of_sets(local):
+    """The union of every process's set (small sets of picklable items: one all_gather_object)."""
+    if not dist.is_initialized():
+        return set(local)
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, sorted(local))
+    return set().union(*gathered)
 
 
 def broadcast_buffers(module, src=0):

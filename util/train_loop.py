@@ -7,7 +7,7 @@ import time
 import torch
 
 from util.cli import UserError
-from util.distributed import all_reduce_any, all_reduce_mean, is_main, world_size
+from util.distributed import all_reduce_any, all_reduce_mean, all_reduce_sum, is_main, world_size
 from util.logger import log
 from util.lr_sched import cosine_lr, set_lr
 from util.precision import autocast
@@ -102,7 +102,7 @@ def train_epoch(model, loader, compute_loss, optimizer, scaler, epoch, args, dev
     done = it + 1 - start_iter
     return {'loss': all_reduce_mean(loss_sum).item() / max(done, 1), 'lr': lr,
             'images_per_sec': done * images_per_iter / (time.time() - epoch_start),
-            'iters_done': it + 1, 'stopped': stopped}
+            'iters_done': it + 1, 'stopped': stopped, 'epoch_done': it + 1 == num_iters}
 
 
 def train_epochs(args, loader, start, run_epoch, after_epoch, save):
@@ -117,7 +117,7 @@ def train_epochs(args, loader, start, run_epoch, after_epoch, save):
     for epoch in range(start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch, start_iter)
         stats = run_epoch(epoch, start_iter, stop, save)
-        if stats['stopped']:
+        if stats['stopped'] and not stats['epoch_done']:
             save(epoch, stats['iters_done'])
             log(f'stopped in epoch {epoch} after iteration {stats["iters_done"]}, checkpoint saved; run the same '
                 f'command again to continue from there')
@@ -125,4 +125,8 @@ def train_epochs(args, loader, start, run_epoch, after_epoch, save):
         start_iter = 0
         after_epoch(epoch, stats)
         save(epoch, 0)
+        # a signal during the epoch's last steps or its evaluation: the epoch's checkpoint is the place to stop
+        if epoch + 1 < args.epochs and all_reduce_sum(int(stop.requested)):
+            log(f'stopped after epoch {epoch}, checkpoint saved; run the same command again to continue')
+            return False
     return True
