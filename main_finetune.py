@@ -8,7 +8,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 
 import models_vit
-from util import cli
+from util import classification, cli
 from util.classification import add_classification_args, run
 from util.cli import check
 from util.data import finetune_transform
@@ -78,7 +78,9 @@ def train_transform(args):
 
 
 def validate_args(args):
-    """The fine-tuning flags that would otherwise fail deep in training, or be silently meaningless."""
+    """The shared checks, and the fine-tuning flags that would otherwise fail deep in training or be
+    silently meaningless."""
+    classification.validate_args(args)
     for flag in ('drop_path', 'smoothing'):
         check(0 <= getattr(args, flag) < 1, f'--{flag} must be in [0, 1), got {getattr(args, flag)}')
     for flag in ('reprob', 'mixup_prob', 'mixup_switch_prob'):

@@ -6,7 +6,7 @@ import torch
 from timm.layers import trunc_normal_
 
 import models_vit
-from util import cli
+from util import classification, cli
 from util.classification import add_classification_args, run
 from util.data import linprobe_transform
 from util.lars import LARS
@@ -15,6 +15,10 @@ from util.pretrained import load_pretrained
 KIND = 'linprobe'
 DEMO_DEFAULTS = dict(model='vit_tiny_patch8', input_size=64, batch_size=32, epochs=10, warmup_epochs=1, blr=50.0,
                      nb_classes=4, num_workers=2, print_freq=4, save_every=5, output_dir='./output_demo/linprobe')
+
+
+# submitit checks the flags before queueing; the probe has no flags beyond the shared ones
+validate_args = classification.validate_args
 
 
 def get_args_parser():

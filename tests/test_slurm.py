@@ -7,6 +7,7 @@ import submitit
 import main_pretrain
 from conftest import pretrain_argv
 from util import slurm
+from util.cli import UserError
 
 
 @pytest.fixture(autouse=True)
@@ -15,6 +16,7 @@ def restore_dist_env(monkeypatch):
     for key in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'):
         monkeypatch.setenv(key, '')
         monkeypatch.delenv(key)
+    monkeypatch.setenv('PYTHONPATH', os.environ.get('PYTHONPATH', ''))  # submit() extends it
 
 
 def test_submitit_job_trains_and_completes(tiny_data, tmp_path):
@@ -24,6 +26,21 @@ def test_submitit_job_trains_and_completes(tiny_data, tmp_path):
                        pretrain_argv(tiny_data, out, '--cluster', 'debug', '--ngpus', '1'))
     assert job.result() == {'completed': True}
     assert (out / 'checkpoint-last.pth').exists() and (out / 'submitit').is_dir()
+    assert slurm.ROOT in os.environ['PYTHONPATH'].split(os.pathsep)  # jobs import the repository from anywhere
+
+
+@pytest.mark.parametrize('module,flags,message', [
+    ('main_pretrain', ['--mask_ratio', '1.5'], '--mask_ratio must be between 0 and 1'),
+    ('main_finetune', ['--drop_path', '2'], r'--drop_path must be in \[0, 1\)'),
+    ('main_linprobe', ['--eval'], '--eval needs --resume'),
+], ids=['pretrain', 'finetune', 'linprobe'])
+def test_bad_flags_are_refused_before_anything_is_queued(tiny_data, tmp_path, module, flags, message):
+    import importlib
+    out = tmp_path / 'out'
+    argv = ['--data_path', tiny_data, '--output_dir', str(out), '--cluster', 'debug', *flags]
+    with pytest.raises(UserError, match=message):
+        slurm.submit(importlib.import_module(module), 'job', argv)
+    assert not out.exists()  # no job folder: nothing was submitted
 
 
 def test_checkpoint_hook_requeues_the_same_run(tiny_data, tmp_path):

@@ -7,6 +7,8 @@ import subprocess
 from util import cli
 from util.cli import UserError
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def add_slurm_args(parser):
     g = parser.add_argument_group('SLURM (submitit)')
@@ -58,6 +60,7 @@ def submit(module, name, argv=None):
         raise UserError('SLURM submission needs submitit: pip install submitit') from None
     parser = add_slurm_args(module.get_args_parser())
     args = cli.parse_args(parser, module.DEMO_DEFAULTS, argv)
+    module.validate_args(args)  # here, not after the job has waited in the queue
     args.output_dir = os.path.abspath(args.output_dir)  # requeued jobs must find the same checkpoints
     args.log_dir = os.path.abspath(args.log_dir)
     args.dist_url = 'env://'
@@ -73,6 +76,8 @@ def submit(module, name, argv=None):
     elif executor.cluster == 'local':
         params.update(gpus_per_node=args.ngpus if args.device == 'cuda' else 0)
     executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
+    # the job unpickles the entry point's main: make this repository importable wherever it runs from
+    os.environ['PYTHONPATH'] = os.pathsep.join(p for p in (ROOT, os.environ.get('PYTHONPATH')) if p)
     job = executor.submit(Trainer(module.main, args))
     print(f'submitted job {job.job_id}; logs in {job_dir}, checkpoints in {args.output_dir}', flush=True)
     return job
