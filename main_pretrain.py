@@ -158,7 +158,7 @@ def main(args):
         last = epoch + 1 == args.epochs
         if vis_images is not None and args.vis_every and ((epoch + 1) % args.vis_every == 0 or last):
             grids = visualize.panels(model_without_ddp, teacher, vis_images.to(device), args.mask_ratio,
-                                     teacher_input_norm=args.teacher_input_norm).grids
+                                     teacher_input_norm=args.teacher_input_norm, attn_mask=args.attn_mask).grids
             logger.writer.add_images('panels', grids, epoch, dataformats='NHWC')
 
     def save(epoch, resume_iter):

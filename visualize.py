@@ -122,12 +122,14 @@ def _student_attention(model, images):
 # Eager even when training compiled the blocks: the attention hook must see every call.
 @torch.compiler.disable
 @torch.no_grad()
-def panels(model, teacher, images, mask_ratio=0.75, seed=0, teacher_input_norm='imagenet', zoom=1):
+def panels(model, teacher, images, mask_ratio=0.75, seed=0, teacher_input_norm='imagenet', zoom=1,
+           attn_mask=False):
     """The five panels of each image, side by side with labels, and the mask drawn for them.
 
     model: a MilanViT (unwrapped from DDP; its train/eval mode is restored); teacher: its ClipTeacher on the
-    same device, or None (random masking, blank panel c); images: uint8 [N, 3, S, S]. The mask is drawn
-    under `seed` without touching the global RNG. zoom > 1 enlarges each panel (nearest neighbour).
+    same device, or None (blank panel c); images: uint8 [N, 3, S, S]. The mask is drawn as the run trained:
+    semantic-aware from the teacher's attention with `attn_mask`, else random; under `seed`, without
+    touching the global RNG. zoom > 1 enlarges each panel (nearest neighbour).
     """
     device = next(model.parameters()).device
     was_training = model.training
@@ -139,7 +141,8 @@ def panels(model, teacher, images, mask_ratio=0.75, seed=0, teacher_input_norm='
             targets, importance = teacher(teacher_view(x, teacher_input_norm))
         with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else [], device_type=device.type):
             torch.manual_seed(seed)
-            _, pred, mask = model(x, targets if model.target == 'clip' else None, importance, mask_ratio)
+            _, pred, mask = model(x, targets if model.target == 'clip' else None,
+                                  importance if attn_mask else None, mask_ratio)
         loss = _per_patch_loss(model, x, pred, targets) * mask
         student = _student_attention(model, x)
     finally:
@@ -238,7 +241,7 @@ def main(args):
     for start in range(0, len(paths), args.batch_size):
         batch = paths[start:start + args.batch_size]
         grids = panels(model, teacher, load_images(batch, ckpt_args['input_size']), mask_ratio, args.seed + start,
-                       ckpt_args['teacher_input_norm'], args.zoom).grids
+                       ckpt_args['teacher_input_norm'], args.zoom, ckpt_args['attn_mask']).grids
         for path, grid in zip(batch, grids):
             out = os.path.join(args.out_dir, os.path.splitext(os.path.basename(path))[0] + '.png')
             Image.fromarray(grid).save(out)

@@ -1,5 +1,7 @@
 """The CLIP teacher against openai-clip's own model on tiny, locally generated checkpoints (no network)."""
 import hashlib
+import http.client
+import io
 import os
 import urllib.request
 import warnings
@@ -128,6 +130,18 @@ def test_fp16_checkpoint_loads_as_fp32(clip_sd, tmp_path):
     torch.testing.assert_close(teacher.proj, sd['visual.proj'].half().float())
 
 
+@pytest.mark.parametrize('wrap', ['module', 'state_dict'])
+def test_ddp_prefixed_and_wrapped_state_dicts_load(clip_sd, tmp_path, wrap):
+    """A CLIP saved from a DDP-wrapped model (`module.visual.*`), bare or inside {'state_dict': ...}."""
+    _, sd = clip_sd
+    prefixed = {f'module.{k}': v for k, v in sd.items()}
+    torch.save(prefixed if wrap == 'module' else {'epoch': 3, 'state_dict': prefixed}, tmp_path / 'ddp.pth')
+    torch.save(sd, tmp_path / 'plain.pth')
+    got = load_clip_teacher(str(tmp_path / 'ddp.pth'), str(tmp_path)).state_dict()
+    want = load_clip_teacher(str(tmp_path / 'plain.pth'), str(tmp_path)).state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+
+
 def test_frozen_and_autocast():
     teacher = build_random_teacher(PATCH, GRID)
     assert not any(p.requires_grad for p in teacher.parameters())
@@ -181,6 +195,28 @@ def test_download_once_and_reuse(served, tmp_path):
     assert len(served) == 2 and (cache / 'ViT-T-8.pt').stat().st_size > 100
 
 
+def test_downloaded_file_follows_the_umask(served, tmp_path):
+    """A shared --clip_cache: the file must be readable by the other users the umask allows."""
+    old = os.umask(0o022)
+    try:
+        download_clip('ViT-T/8', str(tmp_path / 'cache'))
+    finally:
+        os.umask(old)
+    assert (tmp_path / 'cache' / 'ViT-T-8.pt').stat().st_mode & 0o777 == 0o644
+
+
+def test_download_cut_off_mid_transfer(served, tmp_path, monkeypatch):
+    """A chunked transfer that breaks off raises http.client.IncompleteRead: one line, nothing left behind."""
+    class Broken(io.BytesIO):
+        def read(self, *args):
+            raise http.client.IncompleteRead(b'partial')
+
+    monkeypatch.setattr(urllib.request, 'urlopen', lambda url, *a, **k: Broken())
+    with pytest.raises(UserError, match='could not download CLIP ViT-T/8') as e:
+        download_clip('ViT-T/8', str(tmp_path / 'cache'))
+    assert '\n' not in str(e.value) and os.listdir(tmp_path / 'cache') == []
+
+
 def test_download_hash_mismatch(served, tmp_path):
     cache = tmp_path / 'cache'
     with pytest.raises(UserError, match='SHA-256') as e:
@@ -197,12 +233,13 @@ def test_resnet_name_refused(served, tmp_path):
 
 def bad_files(tmp_path):
     (tmp_path / 'noise.pt').write_bytes(os.urandom(4096))
+    (tmp_path / 'page.pt').write_bytes(b'<!DOCTYPE html><html><body>502 Bad Gateway</body></html>\n' * 20)
     torch.save({'state_dict': {'encoder.weight': torch.zeros(2)}}, tmp_path / 'other.pth')
     torch.save([torch.zeros(2)], tmp_path / 'list.pth')
     torch.save({'visual.layer1.0.conv1.weight': torch.zeros(1), 'visual.attnpool.positional_embedding': torch.zeros(1)},
                tmp_path / 'resnet.pth')
-    return {'missing.pt': 'neither an existing file', 'noise.pt': 'cannot read', 'other.pth': 'not a CLIP ViT',
-            'list.pth': 'not a state dict', 'resnet.pth': 'only ViT'}
+    return {'missing.pt': 'neither an existing file', 'noise.pt': 'cannot read', 'page.pt': 'not a PyTorch file',
+            'other.pth': 'not a CLIP ViT', 'list.pth': 'not a state dict', 'resnet.pth': 'only ViT'}
 
 
 @pytest.mark.parametrize('name, match', [('ViT-Z/99', 'neither an existing file'), ('RN50', 'only ViT')])
@@ -218,6 +255,7 @@ def test_bad_files(tmp_path):
         with pytest.raises(UserError, match=match) as e:
             load_clip_teacher(path, str(tmp_path / 'cache'))
         assert '\n' not in str(e.value) and path in str(e.value), str(e.value)
+        assert 'weights_only' not in str(e.value)  # torch's advice to load unsafely is never passed on
 
 
 def test_patch_grid_and_input_size_checks():

@@ -435,6 +435,14 @@ def test_bad_finetuning_flags(tiny_data, tmp_path, flags, message):
     raises_one_line(message, main_finetune, cls_argv(tiny_data, tmp_path / 'out', *flags))
 
 
+def test_finetune_from_a_file_that_is_no_checkpoint(tiny_data, tmp_path):
+    page = tmp_path / 'mae_pretrain_vit_base.pth'
+    page.write_bytes(b'<html><body>404 Not Found</body></html>\n' * 10)  # what a failed download leaves
+    message = raises_one_line('mae_pretrain_vit_base.pth as a checkpoint .*not a PyTorch file at all', main_finetune,
+                              cls_argv(tiny_data, tmp_path / 'out', '--finetune', str(page)))
+    assert 'weights_only' not in message
+
+
 @pytest.mark.parametrize('entry', [main_finetune, main_linprobe], ids=['finetune', 'linprobe'])
 def test_eval_needs_resume(tiny_data, tmp_path, entry):
     raises_one_line('--eval needs --resume CHECKPOINT', entry, cls_argv(tiny_data, tmp_path / 'out', '--eval'))

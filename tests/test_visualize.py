@@ -69,7 +69,7 @@ def test_files_and_the_demo_default(checkpoint, tiny_data, tmp_path):
 
 def test_mask_panel_greys_exactly_the_masked_patches(loaded):
     model, teacher, _, images = loaded
-    out = visualize.panels(model, teacher, images, mask_ratio=0.75, seed=3)
+    out = visualize.panels(model, teacher, images, mask_ratio=0.75, seed=3, attn_mask=True)
     assert out.grids.shape == (4, HEIGHT, WIDTH, 3) and out.grids.dtype == np.uint8
     assert out.mask.shape == (4, G * G) and (out.mask.sum(1) == G * G - model.num_visible(0.75)).all()
     zero = visualize.COLORMAP[0]
@@ -89,7 +89,12 @@ def test_mask_panel_greys_exactly_the_masked_patches(loaded):
     order = models_milan.masking_order(4, G * G, 'cpu', importance)
     expected = torch.ones(4, G * G).scatter_(1, order[:, :model.num_visible(0.75)], 0.0)
     assert torch.equal(out.mask, expected)
-    assert not torch.equal(visualize.panels(model, teacher, images, 0.75, seed=4).mask, out.mask)
+    assert not torch.equal(visualize.panels(model, teacher, images, 0.75, seed=4, attn_mask=True).mask, out.mask)
+    # a run trained with random masking (--no-attn_mask) is shown random masks, as it trained
+    torch.manual_seed(3)
+    order = models_milan.masking_order(4, G * G, 'cpu')
+    expected = torch.ones(4, G * G).scatter_(1, order[:, :model.num_visible(0.75)], 0.0)
+    assert torch.equal(visualize.panels(model, teacher, images, mask_ratio=0.75, seed=3).mask, expected)
 
 
 def test_attention_panels_vary_and_state_is_left_alone(loaded):

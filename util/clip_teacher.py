@@ -6,6 +6,7 @@ last block. Our forward produces both in one pass with fused attention; paramete
 `visual.*` keys (minus the prefix), so OpenAI's checkpoints load into it unchanged.
 """
 import hashlib
+import http.client
 import os
 import tempfile
 import urllib.error
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from util.cli import UserError
+from util.pretrained import load_failure, strip_prefixes
 
 
 class QuickGELU(nn.Module):
@@ -169,28 +171,38 @@ def _sha256(path):
     return h.hexdigest()
 
 
+DOWNLOAD_TIMEOUT_S = 60  # a stalled connection fails instead of hanging the run
+
+
 def download_clip(name, cache_dir):
     """Fetch OpenAI's checkpoint `name` into cache_dir once, verified against its published SHA-256."""
     url = _model_urls()[name]
     expected = url.split('/')[-2]
     os.makedirs(cache_dir, exist_ok=True)
     target = os.path.join(cache_dir, os.path.basename(url))
-    if os.path.isfile(target) and _sha256(target) == expected:
-        return target
+    if os.path.isfile(target):
+        if not os.access(target, os.R_OK):
+            raise UserError(f'{target} exists but you cannot read it; ask its owner to run chmod a+r on it, or pass '
+                            f'--clip_cache with a folder of your own')
+        if _sha256(target) == expected:
+            return target
 
     print(f'downloading CLIP {name} to {target}', flush=True)
     fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=os.path.basename(url) + '.', suffix='.part')
     try:
         h = hashlib.sha256()
-        with os.fdopen(fd, 'wb') as out, urllib.request.urlopen(url) as src:
+        with os.fdopen(fd, 'wb') as out, urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as src:
             while chunk := src.read(1 << 20):
                 h.update(chunk)
                 out.write(chunk)
         if h.hexdigest() != expected:
             raise UserError(f'CLIP {name} downloaded from {url} has SHA-256 {h.hexdigest()}, expected {expected}; '
                             f'retry, or download it yourself and pass the file path')
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide a shared cache from its other users
         os.replace(tmp, target)
-    except (urllib.error.URLError, OSError) as e:
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
         raise UserError(f'could not download CLIP {name} from {url} ({e}); '
                         f'check the network or download it yourself and pass the file path') from e
     finally:
@@ -216,9 +228,9 @@ def _read_state_dict(path):
                 return torch.jit.load(path, map_location='cpu').state_dict()
         obj = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        first = (str(e).strip().splitlines() or [''])[0]
-        raise UserError(f'cannot read {path} as a PyTorch checkpoint ({type(e).__name__}: {first}); '
-                        f'pass OpenAI\'s CLIP .pt file or a CLIP state-dict file') from e
+        raise UserError(f'cannot read {path} as a PyTorch checkpoint ({load_failure(e)}); it may be truncated or '
+                        f'not a PyTorch file at all (e.g. an HTML page saved by a failed download): pass OpenAI\'s '
+                        f'CLIP .pt file or a CLIP state-dict file') from None
     if isinstance(obj, dict) and isinstance(obj.get('state_dict'), dict):
         obj = obj['state_dict']
     if not isinstance(obj, dict):
@@ -228,7 +240,9 @@ def _read_state_dict(path):
 
 
 def _visual_state_dict(raw, path):
-    """Strip `visual.` (dropping the text tower) or accept already-stripped keys; refuse anything else."""
+    """Strip `visual.` (dropping the text tower) or accept already-stripped keys, after any DDP/compile
+    prefixes; refuse anything else."""
+    raw = strip_prefixes(raw)
     if any(k.startswith('visual.') for k in raw):
         sd = {k[len('visual.'):]: v for k, v in raw.items() if k.startswith('visual.')}
     else:

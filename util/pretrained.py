@@ -23,11 +23,28 @@ def read_checkpoint(path):
         with torch.serialization.safe_globals([argparse.Namespace]):
             ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        first = (str(e).strip().splitlines() or [''])[0]
-        raise UserError(f'cannot read {path} as a checkpoint ({type(e).__name__}: {first[:200]})') from None
+        raise UserError(f'cannot read {path} as a checkpoint ({load_failure(e)}); it may be truncated or not a '
+                        f'PyTorch file at all (e.g. an HTML page saved by a failed download)') from None
     if not isinstance(ckpt, dict):
         raise UserError(f'{path} holds a {type(ckpt).__name__}, not a checkpoint dict')
     return ckpt
+
+
+def strip_prefixes(state):
+    """Keys without the prefixes DDP (`module.`) and torch.compile (`_orig_mod.`) wrappers add."""
+    clean = {}
+    for key, value in state.items():
+        while key.startswith(PREFIXES):
+            key = key.split('.', 1)[1]
+        clean[key] = value
+    return clean
+
+
+def load_failure(error):
+    """The informative part of a torch.load error. The weights-only unpickler's first line suggests an unsafe
+    retry with weights_only=False, which must never reach a user; what it met comes after its marker."""
+    text = str(error).split('WeightsUnpickler error:', 1)[-1].strip()
+    return f'{type(error).__name__}: {(text.splitlines() or [""])[0][:200]}'
 
 
 def model_state(ckpt, path):
@@ -35,12 +52,7 @@ def model_state(ckpt, path):
     state = ckpt.get('model', ckpt.get('state_dict', ckpt))
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f'{path} holds no model state dict')
-    clean = {}
-    for key, value in state.items():
-        while key.startswith(PREFIXES):
-            key = key.split('.', 1)[1]
-        clean[key] = value
-    return clean
+    return strip_prefixes(state)
 
 
 def read_pretrained(path):
