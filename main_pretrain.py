@@ -17,7 +17,6 @@ from util.data import BadImages, image_folder, pretrain_transform, train_loader
 from util.distributed import cleanup
 from util.logger import log
 from util.optim import adamw, param_groups_weight_decay
-from util.precision import grad_scaler
 from util.train_loop import train_epochs
 
 KIND = 'pretrain'
@@ -138,11 +137,8 @@ def main(args):
     log(f'model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; target '
         f'{"CLIP features" if args.use_clip else "pixels"}, {"prompting" if args.change_decoder else "MAE"} '
         f'decoder, {"semantic-aware" if args.attn_mask else "random"} masking of {args.mask_ratio:.0%}; {device}')
-    runtime.set_lr_from_batch(args)
     model_without_ddp = model
-    model = runtime.wrap_ddp(model, device, args)
-    optimizer = build_optimizer(args, model_without_ddp)
-    scaler = grad_scaler(args.precision, device)
+    model, optimizer, scaler = runtime.prepare_training(args, model_without_ddp, device, build_optimizer)
     start, _ = resume_training(args, model_without_ddp, optimizer, scaler, KIND, same_flags=RESUME_FLAGS)
     logger = runtime.open_logger(args, start[0])
     bad_images = BadImages(len(dataset), args.max_bad_frac)

@@ -12,7 +12,6 @@ from util.cli import UserError, check
 from util.data import BadImages, eval_loader, eval_transform, image_folder, train_loader
 from util.distributed import broadcast_buffers, cleanup, is_main
 from util.logger import log
-from util.precision import grad_scaler
 from util.train_loop import train_epochs
 
 DEMO_PRETRAIN = './output_demo/pretrain/checkpoint-last.pth'
@@ -76,11 +75,8 @@ def run(args, kind, build_model, build_optimizer, train_transform, criterion, mi
     runtime.compile_blocks(args, device, model.blocks)
     log(f'model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, '
         f'{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trained; {device}')
-    runtime.set_lr_from_batch(args)
     model_without_ddp = model
-    model = runtime.wrap_ddp(model, device, args)
-    optimizer = build_optimizer(args, model_without_ddp)
-    scaler = grad_scaler(args.precision, device)
+    model, optimizer, scaler = runtime.prepare_training(args, model_without_ddp, device, build_optimizer)
 
     if args.eval:
         ckpt = load_checkpoint(args.resume, kind)

@@ -10,7 +10,7 @@ from util.demo_data import ensure_demo_dataset
 from util.distributed import init_distributed, world_size
 from util.checkpoint import plain_args
 from util.logger import RunLogger, log
-from util.precision import resolve_precision
+from util.precision import grad_scaler, resolve_precision
 
 
 def start(args):
@@ -47,6 +47,12 @@ def set_lr_from_batch(args):
     log(f'effective batch {eff_batch} = {args.batch_size} x {args.accum_iter} accumulation x {world_size()} '
         f'processes; lr {args.lr:.3e} (blr {args.blr:.3e}); precision {args.precision}')
     return eff_batch
+
+
+def prepare_training(args, model, device, build_optimizer):
+    """The lr from the effective batch, then (the model wrapped for DDP, its optimizer, the gradient scaler)."""
+    set_lr_from_batch(args)
+    return wrap_ddp(model, device, args), build_optimizer(args, model), grad_scaler(args.precision, device)
 
 
 def wrap_ddp(model, device, args):
