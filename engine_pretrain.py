@@ -11,6 +11,16 @@ def teacher_view(images, teacher_input_norm):
     return images
 
 
+def pretrain_loss(model, teacher, images, args, device):
+    """The loss of one uint8 batch: normalised on the device, the teacher's targets and importance, the
+    student's reconstruction under random or (--attn_mask) semantic-aware masking."""
+    images = to_device_normalized(images, device)
+    targets = importance = None
+    if teacher is not None:
+        targets, importance = teacher(teacher_view(images, args.teacher_input_norm))
+    return model(images, targets, importance if args.attn_mask else None, args.mask_ratio)[0]
+
+
 def train_one_epoch(model, teacher, loader, optimizer, scaler, epoch, args, device, logger, **loop):
     """The teacher turns each batch into targets and importance; the student reconstructs the targets
     from the masked view (semantic-aware masking when --attn_mask). `loop`: train_epoch's resume/stop options."""
@@ -22,11 +32,6 @@ def train_one_epoch(model, teacher, loader, optimizer, scaler, epoch, args, devi
             images, unreadable = decode_on_device(images, device, args.input_size)
             if bad_images is not None:
                 bad_images.add(unreadable)
-        images = to_device_normalized(images, device)
-        targets = importance = None
-        if teacher is not None:
-            targets, importance = teacher(teacher_view(images, args.teacher_input_norm))
-        loss, _, _ = model(images, targets, importance if args.attn_mask else None, args.mask_ratio)
-        return loss
+        return pretrain_loss(model, teacher, images, args, device)
 
     return train_epoch(model, loader, compute_loss, optimizer, scaler, epoch, args, device, logger, **loop)

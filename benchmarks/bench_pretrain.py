@@ -49,13 +49,20 @@ def run_args(opts, model_name, batch_size, precision, compile_):
     return args
 
 
+def random_teacher(opts, args):
+    """With --use_clip, a random-weight CLIP teacher of --teacher's shape on the student's patch grid."""
+    if not args.use_clip:
+        return None
+    patch = models_milan.MODELS[args.model]['patch_size']
+    return build_random_teacher(patch, args.input_size // patch, **TEACHERS[opts.teacher])
+
+
 def build(opts, args, device):
     """run_epoch(loader): the training epoch over `loader`, with main_pretrain's model, teacher and optimizer
     (compiled when args.compile)."""
-    teacher = None
-    if args.use_clip:
-        patch = models_milan.MODELS[args.model]['patch_size']
-        teacher = build_random_teacher(patch, args.input_size // patch, **TEACHERS[opts.teacher]).to(device)
+    teacher = random_teacher(opts, args)
+    if teacher is not None:
+        teacher.to(device)
     model = main_pretrain.build_model(args, teacher).to(device)
     main_pretrain.compile_models(args, device, model, teacher)
     optimizer = main_pretrain.build_optimizer(args, model)

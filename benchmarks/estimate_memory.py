@@ -22,11 +22,9 @@ from torch.utils._pytree import tree_leaves
 import common
 import main_pretrain
 import models_milan
-from bench_pretrain import MODES, TEACHERS, run_args
-from engine_pretrain import teacher_view
-from util.clip_teacher import build_random_teacher
+from bench_pretrain import MODES, TEACHERS, random_teacher, run_args
+from engine_pretrain import pretrain_loss
 from util import data
-from util.data import to_device_normalized
 from util.precision import autocast
 
 
@@ -62,21 +60,14 @@ class StorageBytes(TorchDispatchMode):
 def two_steps(opts, args):
     """Build the teacher, student and AdamW as main_pretrain does and take two training steps as the engine
     does (the second with the optimizer's state); returns what a run keeps between steps."""
-    teacher = None
-    if args.use_clip:
-        patch = models_milan.MODELS[args.model]['patch_size']
-        teacher = build_random_teacher(patch, args.input_size // patch, **TEACHERS[opts.teacher])
+    teacher = random_teacher(opts, args)
     model = main_pretrain.build_model(args, teacher).train()
     optimizer = main_pretrain.build_optimizer(args, model)
     device = torch.device('cpu')
     for _ in range(2):
         images = torch.randint(0, 256, (args.batch_size, 3, args.input_size, args.input_size), dtype=torch.uint8)
         with autocast(args.precision, device):
-            images = to_device_normalized(images, device)
-            targets = importance = None
-            if teacher is not None:
-                targets, importance = teacher(teacher_view(images, args.teacher_input_norm))
-            loss = model(images, targets, importance if args.attn_mask else None, args.mask_ratio)[0]
+            loss = pretrain_loss(model, teacher, images, args, device)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
