@@ -1,6 +1,5 @@
 """Fine-tune a pretrained MILAN/MAE encoder for image classification (layer-wise lr decay, RandAugment,
 mixup/cutmix, label smoothing, drop path). Without --data_path it fine-tunes on the generated demo data."""
-import argparse
 
 from timm.data import Mixup
 from timm.layers import trunc_normal_
@@ -10,7 +9,7 @@ from torch import nn
 import models_vit
 from util import classification, cli
 from util.classification import add_classification_args, run
-from util.cli import check
+from util.errors import check
 from util.data import finetune_transform
 from util.lr_decay import param_groups_layer_decay
 from util.optim import adamw
@@ -23,24 +22,27 @@ DEMO_DEFAULTS = dict(model='vit_tiny_patch8', input_size=64, batch_size=32, epoc
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser('MILAN fine-tuning', description=__doc__)
+    parser = cli.make_parser('MILAN fine-tuning', __doc__, DEMO_DEFAULTS)
     add_classification_args(parser, models_vit.MODELS)
     parser.set_defaults(batch_size=128, epochs=100, blr=1e-4, warmup_epochs=5, weight_decay=0.05, global_pool=True,
                         output_dir='./output_dir')
     g = parser.add_argument_group('fine-tuning')
     g.add_argument('--layer_decay', type=float, default=0.65, help='layer-wise lr decay')
-    g.add_argument('--drop_path', type=float, default=0.1)
+    g.add_argument('--drop_path', type=float, default=0.1, help='stochastic depth rate')
     g.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
     g.add_argument('--aa', default='rand-m9-mstd0.5-inc1', help='timm RandAugment policy ("" for none)')
     g.add_argument('--reprob', type=float, default=0.25, help='random erasing probability')
-    g.add_argument('--remode', default='pixel')
-    g.add_argument('--recount', type=int, default=1)
+    g.add_argument('--remode', default='pixel', help='random erasing fill (timm): pixel, rand or const')
+    g.add_argument('--recount', type=int, default=1, help='random erasing regions per image')
     g.add_argument('--mixup', type=float, default=0.8, help='mixup alpha (0: off)')
     g.add_argument('--cutmix', type=float, default=1.0, help='cutmix alpha (0: off)')
-    g.add_argument('--cutmix_minmax', type=float, nargs=2, default=None)
-    g.add_argument('--mixup_prob', type=float, default=1.0)
-    g.add_argument('--mixup_switch_prob', type=float, default=0.5)
-    g.add_argument('--mixup_mode', default='batch', choices=['batch', 'pair', 'elem'])
+    g.add_argument('--cutmix_minmax', type=float, nargs=2, default=None,
+                   help='cutmix box size range as fractions of the image (overrides --cutmix alpha)')
+    g.add_argument('--mixup_prob', type=float, default=1.0, help='probability of mixup or cutmix per batch')
+    g.add_argument('--mixup_switch_prob', type=float, default=0.5,
+                   help='probability of cutmix instead of mixup when both are on')
+    g.add_argument('--mixup_mode', default='batch', choices=['batch', 'pair', 'elem'],
+                   help='mix parameters drawn per batch, per pair or per image')
     return parser
 
 

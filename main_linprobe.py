@@ -1,6 +1,5 @@
 """Linear probing: a BatchNorm (no affine) and a linear head on the frozen pretrained encoder's feature,
 trained with LARS. Without --data_path it probes the demo pretraining checkpoint on the generated data."""
-import argparse
 
 import torch
 from timm.layers import trunc_normal_
@@ -22,7 +21,7 @@ validate_args = classification.validate_args
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser('MILAN linear probing', description=__doc__)
+    parser = cli.make_parser('MILAN linear probing', __doc__, DEMO_DEFAULTS)
     add_classification_args(parser, models_vit.MODELS)
     parser.set_defaults(batch_size=512, epochs=100, blr=0.05, warmup_epochs=10, weight_decay=0.0, global_pool=False,
                         output_dir='./output_dir')

@@ -1,6 +1,5 @@
 """MILAN pretraining: a ViT learns to predict a frozen CLIP image encoder's per-token features from a
 masked view of the image. Without --data_path it runs a small CPU demo on generated images."""
-import argparse
 import datetime
 import time
 
@@ -10,18 +9,19 @@ import models_milan
 import visualize
 from engine_pretrain import train_one_epoch
 from util import cli, runtime
-from util.checkpoint import resume_training, save_training
-from util.cli import UserError, check
+from util.checkpoint import find_resume, resume_training, save_training
 from util.clip_teacher import build_random_teacher, check_patch_grid, load_clip_teacher
 from util.data import BadImages, image_folder, pretrain_transform, train_loader
 from util.distributed import cleanup
+from util.errors import UserError, check
 from util.logger import log
 from util.optim import adamw, param_groups_weight_decay
 from util.train_loop import train_epochs
 
 KIND = 'pretrain'
-# A resumed run must build the same model as the checkpoint's.
-RESUME_FLAGS = ('model', 'input_size', 'use_clip', 'change_decoder', 'norm_pix_loss')
+# A resumed run must build the same model as the checkpoint's and train it by the same method.
+RESUME_FLAGS = ('model', 'input_size', 'use_clip', 'change_decoder', 'norm_pix_loss', 'mask_ratio', 'attn_mask')
+TEACHER_FLAGS = ('clip_model', 'average_targets', 'teacher_input_norm')  # the target, with --use_clip
 
 # The demo: a tiny ViT and a random tiny CLIP teacher on generated 64x64 images, ~20 s on 2 CPU cores.
 DEMO_DEFAULTS = dict(model='mae_vit_tiny_patch8', input_size=64, batch_size=32, epochs=10, warmup_epochs=2,
@@ -30,11 +30,12 @@ DEMO_DEFAULTS = dict(model='mae_vit_tiny_patch8', input_size=64, batch_size=32, 
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser('MILAN pretraining', description=__doc__)
+    parser = cli.make_parser('MILAN pretraining', __doc__, DEMO_DEFAULTS)
     cli.add_common_args(parser)
     parser.set_defaults(batch_size=256, blr=1.5e-4, output_dir='./output_dir')
     g = parser.add_argument_group('MILAN')
-    g.add_argument('--model', default='mae_vit_base_patch16', choices=sorted(models_milan.MODELS))
+    g.add_argument('--model', default='mae_vit_base_patch16', choices=sorted(models_milan.MODELS),
+                   help='student size (mae_vit_tiny_patch8 is the demo\'s)')
     g.add_argument('--mask_ratio', type=float, default=0.75, help='fraction of patches hidden from the encoder')
     cli.bool_flag(g, 'use_clip', 'predict the CLIP teacher\'s per-token features instead of pixels')
     cli.bool_flag(g, 'change_decoder', 'use the prompting decoder instead of the MAE decoder')
@@ -61,8 +62,8 @@ def validate_args(args):
     check(0 < args.mask_ratio < 1, f'--mask_ratio must be between 0 and 1 (exclusive), got {args.mask_ratio}')
     check(not args.attn_mask or args.use_clip,
           '--attn_mask needs the CLIP teacher\'s attention: add --use_clip or drop --attn_mask')
-    check(not (args.norm_pix_loss and args.use_clip),
-          '--norm_pix_loss applies to the pixel target only: drop it or drop --use_clip')
+    if args.norm_pix_loss and args.use_clip:  # the released recipes pass both
+        log('note: --norm_pix_loss has no effect on the CLIP target (it normalises pixel targets only)')
     check(args.average_targets == 1 or args.use_clip, '--average_targets needs --use_clip')
     check(args.vis_every >= 0 and args.vis_images >= 1, '--vis_every must be >= 0 and --vis_images >= 1')
     check(args.average_targets >= 1, f'--average_targets must be at least 1, got {args.average_targets}')
@@ -121,6 +122,7 @@ def fixed_images(dataset, count, size):
 def main(args):
     validate_args(args)
     device = runtime.start(args)
+    found = find_resume(args, KIND, RESUME_FLAGS + (TEACHER_FLAGS if args.use_clip else ()))
 
     dataset = image_folder(args.data_path, 'train', pretrain_transform(args.input_size))
     loader = train_loader(dataset, args.batch_size, args.num_workers, args.pin_mem and device.type == 'cuda',
@@ -139,7 +141,7 @@ def main(args):
         f'decoder, {"semantic-aware" if args.attn_mask else "random"} masking of {args.mask_ratio:.0%}; {device}')
     model_without_ddp = model
     model, optimizer, scaler = runtime.prepare_training(args, model_without_ddp, device, build_optimizer)
-    start, _ = resume_training(args, model_without_ddp, optimizer, scaler, KIND, same_flags=RESUME_FLAGS)
+    start, _ = resume_training(args, model_without_ddp, optimizer, scaler, KIND, found=found)
     logger = runtime.open_logger(args, start[0])
     bad_images = BadImages(len(dataset), args.max_bad_frac)
     vis_images = fixed_images(dataset, args.vis_images, args.input_size) if logger.writer else None

@@ -65,6 +65,17 @@ def pixel_loss(pred, target, mask, norm_pix_loss):
     return (pixel_patch_losses(pred, target, norm_pix_loss) * mask).sum() / mask.sum()
 
 
+def block_cls_attention(block, x):
+    """[B, N] head-averaged attention probabilities of the class-token query over all N keys in a timm
+    `Block` whose input is `x`, from that one query row (the block's own norm, qkv and q/k norms)."""
+    attn = block.attn
+    b, n, _ = x.shape
+    qkv = attn.qkv(block.norm1(x)).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+    logits = (q[:, :, :1].float() @ k.float().transpose(-2, -1))[:, :, 0] * attn.scale  # [B, heads, N]
+    return logits.softmax(-1).mean(1)
+
+
 class PromptAttention(nn.Module):
     """Attention whose queries are the mask tokens and whose keys/values are the whole sequence."""
 
@@ -182,14 +193,28 @@ class MilanViT(nn.Module):
         pos = self.pos_embed[0, 1:][ids_keep]
         return x + pos
 
+    def encoder_tokens(self, imgs, ids_keep):
+        """The encoder's input: the class token (with its position) before the embedded patches `ids_keep`."""
+        x = self.embed_patches(imgs, ids_keep)
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        return torch.cat([cls, x], dim=1)
+
     def forward_encoder(self, imgs, ids_shuffle, num_keep):
         """Encode the class token and the first `num_keep` patches of `ids_shuffle`."""
-        x = self.embed_patches(imgs, ids_shuffle[:, :num_keep])
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-        x = torch.cat([cls, x], dim=1)
+        x = self.encoder_tokens(imgs, ids_shuffle[:, :num_keep])
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x)
+
+    def cls_attention(self, imgs):
+        """[B, L] head-averaged class-token attention to the patches in the last encoder block, every patch
+        visible (what visualize.py draws). Computed from the last block's own layers rather than captured by a
+        hook, because a hook on a block that torch.compile has captured never fires."""
+        ids = torch.arange(self.num_patches, device=imgs.device).expand(imgs.shape[0], -1)
+        x = self.encoder_tokens(imgs, ids)
+        for blk in self.blocks[:-1]:
+            x = blk(x)
+        return block_cls_attention(self.blocks[-1], x)[:, 1:]
 
     def forward_decoder(self, latent, ids_shuffle):
         """Decode [B, 1+K, D] encoder outputs into [B, 1+L, out] predictions in image order.

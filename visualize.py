@@ -28,9 +28,9 @@ import models_milan
 from engine_pretrain import teacher_view
 from util import cli
 from util.checkpoint import load_model_state
-from util.cli import UserError
 from util.data import eval_geometry, load_rgb, to_device_normalized
 from util.demo_data import ensure_demo_dataset
+from util.errors import UserError, check
 from util.logger import log
 from util.pretrained import model_state, read_checkpoint
 
@@ -100,27 +100,6 @@ def _per_patch_loss(model, images, pred, targets):
     return models_milan.pixel_patch_losses(pred, models_milan.patchify(images, model.patch_size), model.norm_pix_loss)
 
 
-def _student_attention(model, images):
-    """[N, L] head-averaged class-token attention to the patches in the last encoder block, all patches visible:
-    the block's attention input is captured by a hook and q, k are recomputed from its qkv projection."""
-    attn = model.blocks[-1].attn
-    captured = []
-    hook = attn.register_forward_pre_hook(lambda module, inputs: captured.append(inputs[0]))
-    try:
-        ids = torch.arange(model.num_patches, device=images.device).expand(images.shape[0], -1)
-        model.forward_encoder(images, ids, model.num_patches)
-    finally:
-        hook.remove()
-    x = captured[0]
-    b, n, _ = x.shape
-    q, k, _ = attn.qkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    probs = ((q[:, :, :1] @ k.transpose(-2, -1)) * attn.scale).softmax(-1)  # [B, heads, 1, N]
-    return probs.mean(1)[:, 0, 1:]
-
-
-# Eager even when training compiled the blocks: the attention hook must see every call.
-@torch.compiler.disable
 @torch.no_grad()
 def panels(model, teacher, images, mask_ratio=0.75, seed=0, teacher_input_norm='imagenet', zoom=1,
            attn_mask=False):
@@ -135,16 +114,18 @@ def panels(model, teacher, images, mask_ratio=0.75, seed=0, teacher_input_norm='
     was_training = model.training
     model.eval()
     try:
-        x = to_device_normalized(images, device)
-        targets = importance = None
-        if teacher is not None:
-            targets, importance = teacher(teacher_view(x, teacher_input_norm))
-        with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else [], device_type=device.type):
-            torch.manual_seed(seed)
-            _, pred, mask = model(x, targets if model.target == 'clip' else None,
-                                  importance if attn_mask else None, mask_ratio)
-        loss = _per_patch_loss(model, x, pred, targets) * mask
-        student = _student_attention(model, x)
+        # Eager even when training compiled the blocks: a few images do not pay for compiling inference graphs.
+        with torch.compiler.set_stance('force_eager'):
+            x = to_device_normalized(images, device)
+            targets = importance = None
+            if teacher is not None:
+                targets, importance = teacher(teacher_view(x, teacher_input_norm))
+            with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else [], device_type=device.type):
+                torch.manual_seed(seed)
+                _, pred, mask = model(x, targets if model.target == 'clip' else None,
+                                      importance if attn_mask else None, mask_ratio)
+            loss = _per_patch_loss(model, x, pred, targets) * mask
+            student = model.cls_attention(x)
     finally:
         model.train(was_training)
 
@@ -204,32 +185,31 @@ def load_images(paths, size):
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser('MILAN visualisation', description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.make_parser('MILAN visualisation', __doc__)
     parser.add_argument('--checkpoint', required=True, help='a pretraining checkpoint (kind "pretrain")')
     parser.add_argument('--clip_model', default=None,
                         help='teacher to use instead of the checkpoint\'s (name, TorchScript or state-dict file)')
     parser.add_argument('--clip_cache', default=None, help='where named CLIP models are downloaded')
     parser.add_argument('--images', nargs='+', default=None,
                         help='image files or folders (searched recursively); default: the demo val images')
-    parser.add_argument('--num_images', type=int, default=8)
+    parser.add_argument('--num_images', type=int, default=8, help='images drawn, spread over the sorted list')
     parser.add_argument('--out_dir', required=True, help='one <image stem>.png per image')
     parser.add_argument('--mask_ratio', type=float, default=None, help='default: the checkpoint\'s')
     parser.add_argument('--seed', type=int, default=0,
                         help='seed of the masks (each batch of images uses seed + its first image\'s index)')
     parser.add_argument('--zoom', type=int, default=1, help='enlarge each panel this many times')
-    parser.add_argument('--batch_size', type=int, default=16)
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--batch_size', type=int, default=16, help='images per forward pass')
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cuda or cpu')
     return parser
 
 
 def main(args):
-    cli.check(args.num_images >= 1 and args.batch_size >= 1 and args.zoom >= 1,
+    check(args.num_images >= 1 and args.batch_size >= 1 and args.zoom >= 1,
               '--num_images, --batch_size and --zoom must be at least 1')
-    cli.check(args.mask_ratio is None or 0 < args.mask_ratio < 1, '--mask_ratio must be between 0 and 1 (exclusive)')
+    check(args.mask_ratio is None or 0 < args.mask_ratio < 1, '--mask_ratio must be between 0 and 1 (exclusive)')
     model, teacher, ckpt_args = load_pretrain_checkpoint(args.checkpoint, args.clip_model, args.clip_cache)
     mask_ratio = ckpt_args['mask_ratio'] if args.mask_ratio is None else args.mask_ratio
-    cli.check(model.num_visible(mask_ratio) >= 1, f'--mask_ratio {mask_ratio} leaves no visible patch')
+    check(model.num_visible(mask_ratio) >= 1, f'--mask_ratio {mask_ratio} leaves no visible patch')
     if (args.clip_model or ckpt_args['clip_model']) == 'random' and teacher is not None:
         log('the random teacher\'s attention, the masks drawn from it and the CLIP loss carry no meaning')
     device = torch.device(args.device)

@@ -1,7 +1,13 @@
-"""Shared fixtures: a small generated JPEG dataset and an in-process runner for the entry points."""
+"""Shared fixtures: a small generated JPEG dataset, runners for the entry points in a fresh process, and a
+2-process torchrun launcher."""
+import contextlib
 import os
+import re
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -50,3 +56,61 @@ def run_cli(argv, script='main_pretrain.py', timeout=300):
     """The real command line in a fresh process (one thread, so runs are bit-for-bit comparable)."""
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], cwd=ROOT, env=cli_env(),
                           capture_output=True, text=True, timeout=timeout)
+
+
+def interrupt(args, when, sig, group=False, times=1, script='main_pretrain.py', timeout=300):
+    """Start the CLI, send `sig` (`times` times, to its whole process group with `group`: what a terminal's
+    Ctrl-C, SLURM's scancel and torchrun do) once a line containing `when` is printed; return (exit code,
+    output)."""
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, env=cli_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=group)
+    output = []
+    for line in proc.stdout:
+        output.append(line)
+        if when in line:
+            for i in range(times):
+                time.sleep(0.3 * (i > 0))  # a signal sent before the last was handled would merge with it
+                os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
+            break
+    output.append(proc.communicate(timeout=timeout)[0])
+    return proc.returncode, ''.join(output)
+
+NPROC = 2
+TIMEOUT = 240
+
+
+def free_port():
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def child_env(tmp_path):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT', 'LOCAL_WORLD_SIZE')}
+    env.update(OMP_NUM_THREADS='1', XDG_CACHE_HOME=str(tmp_path / 'cache'), PYTHONUNBUFFERED='1')
+    return env
+
+
+def launch(tmp_path, launcher, script, script_args, timeout=TIMEOUT, returncode=0):
+    """`python -m <launcher> --nproc_per_node 2 ... script args` from the repository root; returns the
+    combined output, failing the test (with that output) on another exit code or a timeout. One retry
+    on a new port if the free port was taken in between."""
+    for attempt in range(2):
+        cmd = [sys.executable, '-m', *launcher, '--nproc_per_node', str(NPROC), '--master_addr', '127.0.0.1',
+               '--master_port', str(free_port()), script, *script_args]
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(tmp_path), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            output, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # the launcher and the workers it started
+            output, _ = proc.communicate()
+            pytest.fail(f'timed out after {timeout} s: {" ".join(cmd)}\n{output}')
+        print(f'$ {" ".join(cmd)}\n{output}')  # shown by pytest when a later assertion fails
+        if proc.returncode != 0 and attempt == 0 and re.search(r'EADDRINUSE|[Aa]ddress already in use', output):
+            continue
+        if proc.returncode != returncode:
+            pytest.fail(f'exit code {proc.returncode}: {" ".join(cmd)}\n{output}')
+        return output

@@ -17,7 +17,8 @@ import models_vit
 from conftest import ROOT
 from tools import checkpoint_tools
 from util.checkpoint import load_checkpoint
-from util.cli import UserError, parse_args
+from util.cli import parse_args
+from util.errors import UserError
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=192, depth=4, num_heads=3)
 

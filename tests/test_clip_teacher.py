@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from util import clip_teacher
-from util.cli import UserError
+from util.errors import UserError
 from util.clip_teacher import build_random_teacher, check_patch_grid, download_clip, load_clip_teacher
 
 with warnings.catch_warnings():

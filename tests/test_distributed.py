@@ -2,16 +2,12 @@
 main_pretrain.py with 2 processes, and tests/dist_probe.py checks the data shards and a DDP step.
 
 Each launch costs ~10-15 s on a 2-core machine, so there are three of them."""
-import contextlib
 import importlib.util
 import json
 import math
 import os
 import re
-import signal
-import socket
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,50 +15,10 @@ import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 
 import models_milan
-from conftest import ROOT, pretrain_argv
-
-NPROC = 2
-TIMEOUT = 240
+from conftest import NPROC, ROOT, TIMEOUT, child_env, launch, pretrain_argv
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason='torch.distributed with the gloo backend is not available')
-
-
-def free_port():
-    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
-def child_env(tmp_path):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT', 'LOCAL_WORLD_SIZE')}
-    env.update(OMP_NUM_THREADS='1', XDG_CACHE_HOME=str(tmp_path / 'cache'), PYTHONUNBUFFERED='1')
-    return env
-
-
-def launch(tmp_path, launcher, script, script_args, timeout=TIMEOUT):
-    """`python -m <launcher> --nproc_per_node 2 ... script args` from the repository root; returns the
-    combined output, failing the test (with that output) on a non-zero exit or a timeout. One retry
-    on a new port if the free port was taken in between."""
-    for attempt in range(2):
-        cmd = [sys.executable, '-m', *launcher, '--nproc_per_node', str(NPROC), '--master_addr', '127.0.0.1',
-               '--master_port', str(free_port()), script, *script_args]
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(tmp_path), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        try:
-            output, _ = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)  # the launcher and the workers it started
-            output, _ = proc.communicate()
-            pytest.fail(f'timed out after {timeout} s: {" ".join(cmd)}\n{output}')
-        print(f'$ {" ".join(cmd)}\n{output}')  # shown by pytest when a later assertion fails
-        if proc.returncode != 0 and attempt == 0 and re.search(r'EADDRINUSE|[Aa]ddress already in use', output):
-            continue
-        if proc.returncode != 0:
-            pytest.fail(f'exit code {proc.returncode}: {" ".join(cmd)}\n{output}')
-        return output
 
 
 def test_torchrun_two_processes_train_with_accumulation(tiny_data, tmp_path):

@@ -22,7 +22,8 @@ import models_milan
 import models_vit
 from conftest import pretrain_argv
 from test_distributed import NPROC, launch
-from util.cli import UserError, parse_args
+from util.cli import parse_args
+from util.errors import UserError
 from util.lars import LARS
 from util.lr_decay import param_groups_layer_decay
 from util.lr_sched import set_lr

@@ -261,3 +261,21 @@ def test_model_variants_have_published_shapes():
     assert model.norm.eps == 1e-6 and model.blocks[0].attn.qkv.bias is not None
     assert set(model.state_dict()) >= {'patch_embed.proj.weight', 'cls_token', 'pos_embed', 'blocks.0.attn.qkv.weight',
                                        'norm.weight', 'decoder_embed.weight', 'mask_token', 'decoder_pred.weight'}
+
+
+def test_cls_attention_is_the_last_blocks_class_row():
+    """Against timm's own unfused attention probabilities, read where it applies attention dropout."""
+    model = create_model('mae_vit_tiny_patch8', img_size=32).eval()
+    x = torch.randn(3, 3, 32, 32)
+    attn = model.blocks[-1].attn
+    seen = []
+    hook = attn.attn_drop.register_forward_hook(lambda m, inputs, output: seen.append(output))
+    attn.fused_attn = False
+    try:
+        with torch.no_grad():
+            model.forward_encoder(x, torch.arange(16).expand(3, -1), 16)
+            ours = model.cls_attention(x)
+    finally:
+        hook.remove()
+    assert ours.shape == (3, 16)
+    torch.testing.assert_close(ours, seen[0].mean(1)[:, 0, 1:])

@@ -9,7 +9,8 @@ import torch
 import main_pretrain
 from conftest import pretrain_argv, run_cli
 from util.checkpoint import load_checkpoint
-from util.cli import UserError, parse_args
+from util.cli import parse_args
+from util.errors import UserError
 from util.clip_teacher import build_random_teacher
 
 
@@ -110,7 +111,6 @@ def test_teacher_from_a_state_dict_file(tiny_data, tmp_path):
     (['--mask_ratio', '1.0'], '--mask_ratio must be between 0 and 1'),
     (['--mask_ratio', '0'], '--mask_ratio must be between 0 and 1'),
     (['--mask_ratio', '0.99'], 'leaves no visible patch'),
-    (['--norm_pix_loss', '--use_clip'], '--norm_pix_loss applies to the pixel target only'),
     (['--input_size', '36'], 'not a multiple'),
     (['--batch_size', '100'], 'fewer than one batch'),
     (['--use_clip', '--average_targets', '5'], 'out of range'),
@@ -121,6 +121,8 @@ def test_teacher_from_a_state_dict_file(tiny_data, tmp_path):
     (['--blr', '0'], '--blr and --lr must be positive'),
     (['--weight_decay', '-1'], '--weight_decay must not be negative'),
     (['--clip_grad', '0'], '--clip_grad must be positive'),
+    (['--epochs', '0'], '--epochs must be at least 1, got 0'),
+    (['--epochs', '2', '--warmup_epochs', '3'], '--warmup_epochs 3 must be between 0 and --epochs 2'),
     (['--device', 'foo'], '--device foo is not a device'),
 ])
 def test_bad_flags_give_one_clear_error(tiny_data, tmp_path, flags, message):
@@ -143,11 +145,59 @@ def test_empty_data_folder(tmp_path):
 
 def test_resume_of_another_model_is_refused(tiny_data, tmp_path):
     run(pretrain_argv(tiny_data, tmp_path))
-    with pytest.raises(UserError, match='was trained with --model mae_vit_tiny_patch8, not mae_vit_small'):
+    with pytest.raises(UserError, match='was trained with --model mae_vit_tiny_patch8, not --model mae_vit_small'):
         run(pretrain_argv(tiny_data, tmp_path, '--model', 'mae_vit_small_patch16', '--input_size', '32',
                           '--epochs', '2'))
-    with pytest.raises(UserError, match='was trained with --use_clip False, not True'):
+    with pytest.raises(UserError, match='was trained with --use_clip off, not --use_clip on'):
         run(pretrain_argv(tiny_data, tmp_path, '--use_clip', '--epochs', '2'))
+
+
+@pytest.mark.parametrize('changed,message', [
+    (['--no-attn_mask'], '--attn_mask on, not --attn_mask off'),
+    (['--mask_ratio', '0.5'], '--mask_ratio 0.75, not --mask_ratio 0.5'),
+    (['--clip_model', 'ViT-B/16'], '--clip_model random, not --clip_model ViT-B/16'),
+    (['--teacher_input_norm', 'clip'], '--teacher_input_norm imagenet, not --teacher_input_norm clip'),
+])
+def test_resume_with_another_method_is_refused_naming_output_dir(milan_checkpoint, tiny_data, changed, message):
+    """The README's `--epochs 3 --no-attn_mask` after the demo must not silently continue the demo's run."""
+    out = os.path.dirname(milan_checkpoint)
+    argv = pretrain_argv(tiny_data, out, '--use_clip', '--change_decoder', '--attn_mask', '--epochs', '2', *changed)
+    with pytest.raises(UserError, match=f'trained with {message}; resume with the same flags, or pass another '
+                                        f'--output_dir to start a new run'):
+        run(argv)
+
+
+def test_norm_pix_loss_with_the_clip_target_is_accepted_with_a_note(tiny_data, tmp_path, capsys):
+    """The released recipes pass both; the note says it does nothing there."""
+    run(pretrain_argv(tiny_data, tmp_path, '--use_clip', '--norm_pix_loss'))
+    assert '--norm_pix_loss has no effect on the CLIP target' in capsys.readouterr().out
+
+
+def test_default_warmup_longer_than_the_run_is_clamped_with_a_warning(tmp_path, capsys):
+    args = parse_args(main_pretrain.get_args_parser(), main_pretrain.DEMO_DEFAULTS, ['--epochs', '1'])
+    assert args.warmup_epochs == 1  # the demo's default is 2
+    assert 'the default --warmup_epochs 2 exceeds --epochs 1' in capsys.readouterr().out
+    given = parse_args(main_pretrain.get_args_parser(), main_pretrain.DEMO_DEFAULTS,
+                       ['--epochs', '1', '--warmup_epochs', '0'])
+    assert given.warmup_epochs == 0
+
+
+@pytest.mark.parametrize('make,message', [
+    (lambda p: p.write_text('x'), 'is a file, not a folder'),
+    (lambda p: None, 'lies under a file'),
+    (lambda p: None, 'is not writable'),
+])
+def test_bad_output_dir_is_one_line_before_anything_is_built(tmp_path, make, message, monkeypatch):
+    path = tmp_path / 'out'
+    make(path)
+    if message == 'lies under a file':
+        (tmp_path / 'file').write_text('x')
+        path = tmp_path / 'file' / 'out'
+    if message == 'is not writable':
+        path = '/proc/milan-output'  # not writable even for root, who ignores permission bits
+    monkeypatch.setattr(main_pretrain, 'build_model', lambda *a: pytest.fail('built a model first'))
+    with pytest.raises(UserError, match=message):
+        run(['--output_dir', str(path), '--epochs', '1'])
 
 
 def corrupt_copy(tiny_data, tmp_path, names):

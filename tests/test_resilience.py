@@ -3,13 +3,11 @@ bit-for-bit reproducibility (what a preempted cluster job relies on)."""
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, cli_env, pretrain_argv, run_cli
+from conftest import interrupt, pretrain_argv, run_cli
 
 
 def argv(data, out, *extra):
@@ -41,26 +39,13 @@ def reference(tiny_data, tmp_path_factory):
     return out
 
 
-def interrupt(args, when, sig):
-    """Start the CLI, send `sig` once a line containing `when` is printed, return (exit code, output)."""
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'main_pretrain.py'), *args], cwd=ROOT,
-                            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    output = []
-    for line in proc.stdout:
-        output.append(line)
-        if when in line:
-            proc.send_signal(sig)
-            break
-    output.append(proc.communicate(timeout=120)[0])
-    return proc.returncode, ''.join(output)
-
-
-@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
 def test_stop_signal_mid_epoch_saves_and_resumes_to_the_identical_model(tiny_data, tmp_path, reference, sig):
+    """Ctrl-C (SIGINT) too: saved, one line, exit code 130 so that a shell's `a && b` stops."""
     out = tmp_path / 'out'
     code, output = interrupt(argv(tiny_data, out), 'epoch 1 [2/4]', sig)
-    assert code == 0, output
-    assert 'stopped in epoch 1 after iteration' in output
+    assert code == (130 if sig == signal.SIGINT else 0), output
+    assert 'stopped in epoch 1 after iteration' in output and 'Traceback' not in output
     ckpt = torch.load(out / 'checkpoint-last.pth', weights_only=True)
     assert ckpt['epoch'] == 1 and 0 < ckpt['resume_iter'] < 4
     result = run_cli(argv(tiny_data, out))  # the same command again
@@ -68,6 +53,33 @@ def test_stop_signal_mid_epoch_saves_and_resumes_to_the_identical_model(tiny_dat
     assert f'resumed from {out}/checkpoint-last.pth: epoch 1 at iteration {ckpt["resume_iter"]}' in result.stdout
     assert_same_models(final_model(out), final_model(reference))
     assert losses(out)[0] == losses(reference)[0]  # epoch 0 ran uninterrupted in both
+
+
+def test_stop_signal_to_the_process_group_with_workers_still_saves(tiny_data, tmp_path):
+    """scancel, a closing terminal and torchrun signal every process of the group, loader workers included:
+    the workers must leave stopping to the main process instead of dying under it."""
+    out = tmp_path / 'out'
+    code, output = interrupt(argv(tiny_data, out, '--num_workers', '2'), 'epoch 1 [2/4]', signal.SIGTERM,
+                             group=True)
+    assert code == 0, output
+    assert 'stopped in epoch 1 after iteration' in output and 'Traceback' not in output
+    assert torch.load(out / 'checkpoint-last.pth', weights_only=True)['resume_iter'] > 0
+
+
+def test_ctrl_c_twice_quits_at_once_leaving_the_last_checkpoint(tiny_data, tmp_path):
+    out = tmp_path / 'out'
+    code, output = interrupt(argv(tiny_data, out), 'epoch 1 [1/4]', signal.SIGINT, times=2)
+    assert code == 130, output
+    assert 'Traceback' not in output and 'error: interrupted before the next checkpoint' in output
+    assert torch.load(out / 'checkpoint-last.pth', weights_only=True)['epoch'] == 0  # the epoch-0 checkpoint
+
+
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])
+def test_stop_signal_during_start_up_ends_the_run_with_a_line(tiny_data, tmp_path, sig):
+    """Before training starts there is nothing to save; the run says so instead of dying silently."""
+    code, output = interrupt(argv(tiny_data, tmp_path / 'out'), 'effective batch', sig)
+    assert code == (130 if sig == signal.SIGINT else 0), output
+    assert 'stopped before training started' in output and 'Traceback' not in output
 
 
 def test_stop_on_an_epochs_last_iteration_ends_that_epoch_properly(tiny_data, tmp_path, reference):

@@ -7,7 +7,7 @@ import submitit
 import main_pretrain
 from conftest import pretrain_argv
 from util import slurm
-from util.cli import UserError
+from util.errors import UserError
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,7 @@ import torch
 
 from models_milan import create_model
 from util.checkpoint import latest_checkpoint, load_checkpoint, load_optimizer_state, resume_training, save_atomic
-from util.cli import UserError, one_line
+from util.errors import UserError, one_line
 from util.logger import RunLogger
 from util.lr_sched import cosine_lr, set_lr
 from util.optim import adamw, param_groups_weight_decay
@@ -197,6 +197,6 @@ def test_load_checkpoint_refuses_bad_files(tmp_path):
 
 def test_one_line_of_a_worker_reraised_error():
     wrapped = UserError('Caught UserError in DataLoader worker process 0.\nOriginal Traceback (most recent call '
-                        'last):\n  File "x.py", line 1\nutil.cli.UserError: cannot read image /d/a.JPEG (bad)')
+                        'last):\n  File "x.py", line 1\nutil.errors.UserError: cannot read image /d/a.JPEG (bad)')
     assert one_line(wrapped) == 'cannot read image /d/a.JPEG (bad)'
     assert one_line(UserError('plain message')) == 'plain message'

@@ -1,5 +1,6 @@
 """visualize.py on a real pretraining checkpoint: the PNG layout, the exact mask panel, the attention maps,
 image sources, and one-line errors."""
+import copy
 import os
 import runpy
 import sys
@@ -12,8 +13,8 @@ from PIL import Image
 import models_milan
 import visualize
 from conftest import ROOT
-from util.cli import UserError
 from util.data import to_device_normalized
+from util.errors import UserError
 
 S, P, G = 32, 8, 4  # input size, patch size, grid of the tiny test model
 # The pinned layout: 5 panels of S x S, 4 px apart and around, a 14 px label band on top.
@@ -109,23 +110,16 @@ def test_attention_panels_vary_and_state_is_left_alone(loaded):
     model.eval()
 
 
-def test_student_attention_is_the_last_blocks_class_row(loaded):
-    """Against timm's own unfused attention probabilities, read where it applies attention dropout."""
-    model, _, _, images = loaded
-    x = to_device_normalized(images, torch.device('cpu'))
-    attn = model.blocks[-1].attn
-    seen = []
-    hook = attn.attn_drop.register_forward_hook(lambda m, inputs, output: seen.append(output))
-    attn.fused_attn = False
-    try:
-        ids = torch.arange(G * G).expand(4, -1)
-        with torch.no_grad():
-            model.forward_encoder(x, ids, G * G)
-            ours = visualize._student_attention(model, x)
-    finally:
-        attn.fused_attn = True
-        hook.remove()
-    torch.testing.assert_close(ours, seen[0].mean(1)[:, 0, 1:])
+def test_panels_with_compiled_blocks_equal_eager_ones(loaded):
+    """Training compiles the blocks; the panels drawn then are the eager model's (no hooks to miss calls)."""
+    model, teacher, _, images = loaded
+    eager = visualize.panels(model, teacher, images, attn_mask=True)
+    model, teacher = copy.deepcopy(model), copy.deepcopy(teacher)
+    for block in [*model.blocks, *model.decoder_blocks, *teacher.transformer.resblocks]:
+        block.compile()
+    compiled = visualize.panels(model, teacher, images, attn_mask=True)
+    np.testing.assert_array_equal(compiled.grids, eager.grids)
+    torch.testing.assert_close(compiled.mask, eager.mask)
 
 
 def test_pixel_checkpoint_without_teacher(tmp_path, loaded):

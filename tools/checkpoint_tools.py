@@ -25,7 +25,8 @@ import main_pretrain  # noqa: E402
 import models_milan  # noqa: E402
 import models_vit  # noqa: E402
 from util.checkpoint import plain_args, save_atomic  # noqa: E402
-from util.cli import UserError, run  # noqa: E402
+from util.cli import make_parser, run  # noqa: E402
+from util.errors import UserError  # noqa: E402
 from util.pretrained import model_state, read_checkpoint  # noqa: E402
 
 OUR_KINDS = ('pretrain', 'finetune', 'linprobe')
@@ -189,21 +190,20 @@ def import_mae(args):
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser('checkpoint_tools', description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser('checkpoint_tools', __doc__)
     sub = parser.add_subparsers(dest='command', required=True)
     p = sub.add_parser('summary', help='kind, model, epoch, input size, parameter count and key flags')
-    p.add_argument('checkpoint')
+    p.add_argument('checkpoint', help='any checkpoint of this repository, or a released MAE/MILAN file')
     p.set_defaults(func=summary)
     p = sub.add_parser('export-timm', help='the encoder (pretraining) or classifier (fine-tuning) as a timm state dict')
-    p.add_argument('checkpoint')
-    p.add_argument('out')
+    p.add_argument('checkpoint', help='a pretraining or fine-tuning checkpoint of this repository')
+    p.add_argument('out', help='the timm state dict to write')
     p.add_argument('--model', default=None,
                    help='optional check of the size (e.g. vit_base_patch16); it is read off the weights anyway')
     p.set_defaults(func=export_timm)
     p = sub.add_parser('import-mae', help='a released MAE/MILAN pretraining file as our pretraining checkpoint')
-    p.add_argument('checkpoint')
-    p.add_argument('out')
+    p.add_argument('checkpoint', help='a released MAE or MILAN pretraining file')
+    p.add_argument('out', help='the pretraining checkpoint to write')
     p.set_defaults(func=import_mae)
     return parser
 

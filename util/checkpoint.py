@@ -8,7 +8,7 @@ import shutil
 import torch
 
 from util import rng
-from util.cli import UserError
+from util.errors import UserError
 from util.distributed import is_main
 from util.logger import log
 
@@ -97,27 +97,39 @@ def load_optimizer_state(optimizer, state):
             f'{", ".join(sorted(changed))}')
 
 
-def resume_training(args, model, optimizer, scaler, kind, same_flags=('model',)):
-    """Restore model, optimizer, scaler and every process's RNG from --resume or the newest checkpoint in
-    output_dir. Returns ((epoch, iteration) to start from, the checkpoint or None). A mid-epoch checkpoint
-    continues inside its epoch. Flags in `same_flags` must match the checkpoint's."""
+def find_resume(args, kind, same_flags=('model',)):
+    """(path, checkpoint) to resume from (--resume or the newest in output_dir), or (None, None) for a new run;
+    refused when its flags in `same_flags` differ from this run's, or when a mid-epoch state cannot be
+    replayed. Cheap enough to call before anything is built, so a refusal comes first."""
     path = args.resume or latest_checkpoint(args.output_dir)
     if not path:
-        return (args.start_epoch, 0), None
+        return None, None
     ckpt = load_checkpoint(path, kind)
     if 'optimizer' not in ckpt:
         raise UserError(f'checkpoint {path} holds weights only; resume from checkpoint-last.pth in its folder')
     saved = ckpt.get('args', {})
     for flag in same_flags:
         if flag in saved and saved[flag] != getattr(args, flag):
-            raise UserError(f'checkpoint {path} was trained with --{flag} {saved[flag]}, not {getattr(args, flag)}; '
-                            f'resume with the same --{flag} or use another --output_dir')
+            raise UserError(f'checkpoint {path} was trained with {_flag(flag, saved[flag])}, not '
+                            f'{_flag(flag, getattr(args, flag))}; resume with the same flags, or pass another '
+                            f'--output_dir to start a new run')
     resume_iter = ckpt.get('resume_iter', 0)
     same_layout = all(saved.get(k) == getattr(args, k) for k in ('world_size', 'batch_size', 'accum_iter', 'seed'))
     if resume_iter and not same_layout:
         raise UserError(f'checkpoint {path} was written mid-epoch by {saved.get("world_size")} processes x batch '
                         f'{saved.get("batch_size")} x accumulation {saved.get("accum_iter")} with --seed '
                         f'{saved.get("seed")}; resume with the same numbers to replay its data order')
+    return path, ckpt
+
+
+def resume_training(args, model, optimizer, scaler, kind, same_flags=('model',), found=None):
+    """Restore model, optimizer, scaler and every process's RNG from `found` (find_resume's answer; looked up
+    here when not given). Returns ((epoch, iteration) to start from, the checkpoint or None). A mid-epoch
+    checkpoint continues inside its epoch."""
+    path, ckpt = found or find_resume(args, kind, same_flags)
+    if ckpt is None:
+        return (args.start_epoch, 0), None
+    resume_iter = ckpt.get('resume_iter', 0)
     load_model_state(model, ckpt['model'], path)
     load_optimizer_state(optimizer, ckpt['optimizer'])
     if ckpt.get('scaler'):
@@ -132,6 +144,11 @@ def resume_training(args, model, optimizer, scaler, kind, same_flags=('model',))
         return (ckpt['epoch'], resume_iter), ckpt
     log(f'resumed from {path} (epoch {ckpt["epoch"]} done)')
     return (ckpt['epoch'] + 1, 0), ckpt
+
+
+def _flag(name, value):
+    """`--attn_mask on`, `--mask_ratio 0.75`."""
+    return f'--{name} {("off", "on")[value] if isinstance(value, bool) else value}'
 
 
 def save_training(args, epoch, model, optimizer, scaler, kind, resume_iter=0, extra=None):

@@ -8,7 +8,7 @@ from engine_finetune import evaluate, train_one_epoch
 from util import cli, runtime
 from util.checkpoint import load_checkpoint, load_model_state, plain_args, resume_training, save_atomic, \
     save_training
-from util.cli import UserError, check
+from util.errors import UserError, check
 from util.data import BadImages, eval_loader, eval_transform, image_folder, train_loader
 from util.distributed import broadcast_buffers, cleanup, is_main
 from util.logger import log
@@ -22,7 +22,8 @@ RESUME_FLAGS = ('model', 'input_size', 'nb_classes', 'global_pool')
 def add_classification_args(parser, model_choices):
     cli.add_common_args(parser)
     g = parser.add_argument_group('classification')
-    g.add_argument('--model', default='vit_base_patch16', choices=sorted(model_choices))
+    g.add_argument('--model', default='vit_base_patch16', choices=sorted(model_choices),
+                   help='classifier size; must match the pretrained encoder (vit_tiny_patch8 is the demo\'s)')
     g.add_argument('--finetune', default='', help='pretraining checkpoint to start from (ours, MAE or MILAN)')
     g.add_argument('--nb_classes', type=int, default=1000, help='classes in train/ and val/')
     g.add_argument('--eval', action='store_true', help='only evaluate the --resume checkpoint on val/')

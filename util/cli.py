@@ -1,44 +1,80 @@
-"""Argument parsing and one-line error reporting shared by the entry points."""
+"""Argument parsing and the way an entry point ends: one line for a user error, a checkpoint for a stop signal."""
 import argparse
 import os
+import signal
 import sys
+import tempfile
+import textwrap
+
+from util.distributed import launch_rank
+from util.errors import UserError, check, one_line
+from util.logger import log
+from util.preemption import STOP
 
 
-class UserError(Exception):
-    """A problem the user can fix (bad path, bad flag, bad file); printed as one line, no traceback."""
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows each flag's default, except where there is none to show (None or '': the text says what
+    happens then; a --no_x switch); descriptions keep their line breaks."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, '') or action.const is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
-def one_line(exc):
-    """The user-facing line of a UserError, also when a DataLoader worker re-raised it with its traceback."""
-    msg = str(exc).strip()
-    if 'Original Traceback' in msg:
-        msg = msg.splitlines()[-1].split(': ', 1)[-1]
-    return msg.splitlines()[0] if msg else type(exc).__name__
+def _as_flags(defaults):
+    return ' '.join(f'--{k}' if v is True else f'--no-{k}' if v is False else f'--{k} {v}' for k, v in defaults.items())
+
+
+def make_parser(prog, description, demo_defaults=None):
+    """An entry point's parser. Abbreviations are off: argparse would silently take `--epoch 3` as --epochs."""
+    epilog = None
+    if demo_defaults:
+        epilog = textwrap.fill('Without --data_path the built-in CPU demo runs, with these defaults instead: '
+                               + _as_flags(demo_defaults), 100, break_on_hyphens=False)
+    return argparse.ArgumentParser(prog, description=description, epilog=epilog, formatter_class=HelpFormatter,
+                                   allow_abbrev=False)
 
 
 def run(main, args):
-    """Run an entry point and return its result; a UserError ends the process with `error: ...` on stderr
-    and exit code 2."""
+    """Run an entry point and return its result. The stop signals are handled from here on (a stop during
+    start-up ends the run before it trains). A UserError ends the process with `error: ...` on stderr and exit
+    code 2, printed once per run: by rank 0, or by the rank whose own data it concerns (a loader worker's
+    error). A run stopped by Ctrl-C (after saving) exits 130, as shells expect, so `a && b` stops too."""
+    STOP.install()
     try:
-        return main(args)
+        result = main(args)
     except UserError as e:
-        print(f'error: {one_line(e)}', file=sys.stderr, flush=True)
+        if launch_rank() == 0:
+            print(f'error: {one_line(e)}', file=sys.stderr, flush=True)
+        elif 'Original Traceback' in str(e):
+            print(f'error: [rank {launch_rank()}] {one_line(e)}', file=sys.stderr, flush=True)
         sys.exit(2)
+    except KeyboardInterrupt:
+        if launch_rank() == 0:
+            print('error: interrupted before the next checkpoint; the last checkpoint written is intact',
+                  file=sys.stderr, flush=True)
+        sys.exit(130)
+    if STOP.signal == signal.SIGINT and not (result or {}).get('completed', True):
+        sys.exit(130)
+    return result
 
 
 def add_common_args(parser):
     """Flags every entry point shares, with MAE's names; each script sets its own recipe defaults."""
     g = parser.add_argument_group('optimisation')
     g.add_argument('--batch_size', type=int, default=64, help='images per process per iteration')
-    g.add_argument('--epochs', type=int, default=400)
+    g.add_argument('--epochs', type=int, default=400, help='epochs to train')
     g.add_argument('--accum_iter', type=int, default=1,
                    help='gradient accumulation steps (effective batch = batch_size x accum_iter x processes)')
-    g.add_argument('--input_size', type=int, default=224)
-    g.add_argument('--weight_decay', type=float, default=0.05)
+    g.add_argument('--input_size', type=int, default=224, help='image side in pixels')
+    g.add_argument('--weight_decay', type=float, default=0.05,
+                   help='decoupled weight decay (none on biases, norms and tokens)')
     g.add_argument('--lr', type=float, default=None, help='absolute lr; default blr x effective batch / 256')
     g.add_argument('--blr', type=float, default=1e-3, help='base lr for an effective batch of 256')
     g.add_argument('--min_lr', type=float, default=0.0, help='lr at the end of the cosine schedule')
-    g.add_argument('--warmup_epochs', type=int, default=40)
+    g.add_argument('--warmup_epochs', type=int, default=40,
+                   help='epochs of linear lr warm-up before the cosine (clamped to --epochs unless given)')
     g.add_argument('--clip_grad', type=float, default=None, help='clip the gradient norm (off by default)')
     g.add_argument('--compile', action=argparse.BooleanOptionalAction, default=None,
                    help='torch.compile each transformer block (default: on with CUDA, off on the CPU)')
@@ -50,9 +86,10 @@ def add_common_args(parser):
                    help='ImageNet-layout folder (train/<class>/...); omit to run the built-in CPU demo')
     g.add_argument('--output_dir', default=None, help='checkpoints, log.txt, config.json')
     g.add_argument('--log_dir', default=None, help='TensorBoard events (default: output_dir)')
-    g.add_argument('--num_workers', type=int, default=10)
+    g.add_argument('--num_workers', type=int, default=10,
+                   help='data loader processes per training process (capped at the CPUs it may use unless given)')
     g.add_argument('--pin_mem', action='store_true', default=True, help='pin CPU memory for faster GPU copies')
-    g.add_argument('--no_pin_mem', action='store_false', dest='pin_mem')
+    g.add_argument('--no_pin_mem', action='store_false', dest='pin_mem', help='do not pin CPU memory')
     g.add_argument('--save_every', type=int, default=20, help='keep a numbered checkpoint every N epochs')
     g.add_argument('--save_every_min', type=float, default=30,
                    help='also checkpoint mid-epoch when this many minutes passed since the last save')
@@ -62,8 +99,8 @@ def add_common_args(parser):
     g.add_argument('--print_freq', type=int, default=20, help='iterations between log lines')
 
     g = parser.add_argument_group('run')
-    g.add_argument('--device', default='cuda' if _cuda() else 'cpu')
-    g.add_argument('--seed', type=int, default=0)
+    g.add_argument('--device', default='cuda' if _cuda() else 'cpu', help='cuda (one GPU per process) or cpu')
+    g.add_argument('--seed', type=int, default=0, help='seeds data order, augmentations, masks and initialisation')
     g.add_argument('--resume', default='', help='checkpoint to resume; default: the newest in output_dir')
     g.add_argument('--start_epoch', type=int, default=0, help='first epoch when not resuming')
     g.add_argument('--dist_url', default='env://', help='process-group rendezvous (torchrun sets env://)')
@@ -84,18 +121,57 @@ def _cuda():
 
 def parse_args(parser, demo_defaults, argv=None):
     """Parse argv; without --data_path the script runs its demo, whose defaults apply to every flag the
-    user did not give."""
+    user did not give. Defaults that depend on the machine or on other flags are resolved here."""
     known, _ = parser.parse_known_args(argv)
     if known.data_path is None:
         parser.set_defaults(**demo_defaults)
+    given = given_flags(parser, argv)
     args = parser.parse_args(argv)
     args.demo = args.data_path is None
     args.log_dir = args.log_dir or args.output_dir
+    if 'num_workers' not in given:
+        args.num_workers = min(args.num_workers, available_cpus())
+    if 'warmup_epochs' not in given and 1 <= args.epochs < args.warmup_epochs:
+        log(f'warning: the default --warmup_epochs {args.warmup_epochs} exceeds --epochs {args.epochs}: warming up '
+            f'for all {args.epochs} instead; pass --warmup_epochs to choose')
+        args.warmup_epochs = args.epochs
     return args
+
+
+def given_flags(parser, argv=None):
+    """The destinations of the flags argv sets: argparse fills in defaults only for what a namespace lacks."""
+    unset = object()
+    namespace = argparse.Namespace(**{a.dest: unset for a in parser._actions if a.dest != argparse.SUPPRESS})
+    parser.parse_known_args(argv, namespace)
+    return {dest for dest, value in vars(namespace).items() if value is not unset}
+
+
+def available_cpus():
+    """CPUs this process may run on (its affinity mask, which schedulers and containers set)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+def check_output_dir(path, flag):
+    """Create the folder and write a file into it now, so that a bad --output_dir is one line before anything
+    is built, not a traceback at the first checkpoint."""
+    if os.path.isfile(path):
+        raise UserError(f'{flag} {path} is a file, not a folder; pass a folder path')
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except NotADirectoryError:
+        raise UserError(f'{flag} {path} lies under a file, not a folder; pass another path') from None
+    except OSError as e:
+        raise UserError(f'{flag} {path} is not writable ({e.strerror}); pass a folder you can write to') from None
 
 
 def validate_common(args):
     """Checks of the shared flags, before anything is built."""
+    check(args.epochs >= 1, f'--epochs must be at least 1, got {args.epochs}')
     check(args.batch_size >= 1 and args.accum_iter >= 1, '--batch_size and --accum_iter must be at least 1')
     check(0 <= args.warmup_epochs <= args.epochs,
           f'--warmup_epochs {args.warmup_epochs} must be between 0 and --epochs {args.epochs}; lower it')
@@ -109,12 +185,9 @@ def validate_common(args):
           '--blr and --lr must be positive and --min_lr not negative')
     check(args.weight_decay >= 0, f'--weight_decay must not be negative, got {args.weight_decay}')
     check(args.clip_grad is None or args.clip_grad > 0, f'--clip_grad must be positive, got {args.clip_grad}')
-
-
-def check(condition, message):
-    """Raise a UserError with `message` unless `condition` holds."""
-    if not condition:
-        raise UserError(message)
+    for flag in ('output_dir', 'log_dir'):
+        if getattr(args, flag):
+            check_output_dir(getattr(args, flag), f'--{flag}')
 
 
 def bool_flag(parser, name, help):

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from util.cli import UserError
+from util.errors import UserError
 from util.pretrained import load_failure, strip_prefixes
 
 

@@ -14,8 +14,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, d
 from torchvision import datasets, transforms
 from torchvision.transforms import InterpolationMode
 
-from util.cli import UserError
 from util.distributed import all_reduce_sum, rank, union_of_sets, world_size
+from util.errors import UserError
+from util.preemption import ignore_stop_signals
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -148,6 +149,13 @@ class TrainSampler(Sampler):
         return len(self.shard) - self.start
 
 
+def init_worker(worker_id):
+    """Each DataLoader worker: one thread (workers are parallel already, and more threads per worker only
+    oversubscribe the cores the training process needs), and deaf to the stop signals (util.preemption)."""
+    torch.set_num_threads(1)
+    ignore_stop_signals()
+
+
 def train_loader(folder, batch_size, num_workers, pin_memory, seed, input_size=None):
     """Loader over a TrainSet with a TrainSampler (call `loader.sampler.set_epoch` every epoch); its own
     generator keeps it from drawing on the global RNG, which the training step's masking uses. With
@@ -162,7 +170,8 @@ def train_loader(folder, batch_size, num_workers, pin_memory, seed, input_size=N
         (EncodedTrainSet(folder, seed, input_size), collate_encoded)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       collate_fn=collate, pin_memory=pin_memory, drop_last=True,
-                      persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed))
+                      persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed),
+                      worker_init_fn=init_worker)
 
 
 class BadImages:
@@ -260,5 +269,4 @@ class ShardSampler(torch.utils.data.Sampler):
 def eval_loader(dataset, batch_size, num_workers, pin_memory):
     """Evaluation sharded exactly over the processes (each image counted once)."""
     return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), rank(), world_size()),
-                      num_workers=num_workers,
-                      pin_memory=pin_memory, drop_last=False)
+                      num_workers=num_workers, pin_memory=pin_memory, drop_last=False, worker_init_fn=init_worker)

@@ -15,7 +15,7 @@ from torch.utils.data import default_collate
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import RandomResizedCrop
 
-from util.cli import UserError
+from util.errors import UserError
 from util.data import PRETRAIN_SCALE, READ_ERRORS, TrainSet, unreadable
 
 

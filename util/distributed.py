@@ -6,7 +6,7 @@ import subprocess
 import torch
 import torch.distributed as dist
 
-from util.cli import UserError
+from util.errors import UserError
 
 
 def init_distributed(args):
@@ -38,7 +38,7 @@ def init_distributed(args):
 
 
 def is_main():
-    return rank() == 0
+    return launch_rank() == 0
 
 
 def _from_slurm(args):
@@ -53,8 +53,23 @@ def _from_slurm(args):
     os.environ.setdefault('MASTER_PORT', str(20000 + int(os.environ.get('SLURM_JOB_ID', 0)) % 20000))
 
 
+def local_processes():
+    """Training processes on this machine, as torchrun says (LOCAL_WORLD_SIZE); 1 otherwise."""
+    return int(os.environ.get('LOCAL_WORLD_SIZE', 1))
+
+
 def rank():
     return dist.get_rank() if dist.is_initialized() else 0
+
+
+def launch_rank():
+    """This process's rank, also before the process group exists: then the launcher's (torchrun's RANK, or
+    srun's SLURM_PROCID), so that start-up lines and errors are printed once, not once per process."""
+    if dist.is_initialized():
+        return dist.get_rank()
+    if 'RANK' in os.environ:
+        return int(os.environ['RANK'])
+    return int(os.environ.get('SLURM_PROCID', 0)) if int(os.environ.get('SLURM_NTASKS', 1)) > 1 else 0
 
 
 def world_size():

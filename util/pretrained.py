@@ -5,7 +5,7 @@ import os
 
 import torch
 
-from util.cli import UserError
+from util.errors import UserError
 from util.logger import log
 from util.pos_embed import interpolate_pos_embed
 
@@ -41,10 +41,18 @@ def strip_prefixes(state):
 
 
 def load_failure(error):
-    """The informative part of a torch.load error. The weights-only unpickler's first line suggests an unsafe
-    retry with weights_only=False, which must never reach a user; what it met comes after its marker."""
-    text = str(error).split('WeightsUnpickler error:', 1)[-1].strip()
-    return f'{type(error).__name__}: {(text.splitlines() or [""])[0][:200]}'
+    """Why torch.load failed, in a few words of our own. torch's texts run long, and the weights-only
+    unpickler's suggests an unsafe retry with weights_only=False, which must never reach a user; what it
+    refused comes after its marker."""
+    text = str(error)
+    if 'WeightsUnpickler error:' in text:
+        refused = text.split('WeightsUnpickler error:', 1)[1].strip().split('. ')[0].splitlines()[0]
+        return f'it holds objects the safe loader refuses: {refused[:150]}'
+    if 'central directory' in text or 'PytorchStreamReader' in text:
+        return 'an incomplete zip archive'
+    if isinstance(error, EOFError):
+        return 'the file ends early'
+    return 'not a pickle or zip archive that torch wrote'
 
 
 def model_state(ckpt, path):

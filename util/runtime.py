@@ -1,14 +1,16 @@
 """Run setup shared by the entry points: processes and device, precision, seeds, output folder, demo data,
 the learning rate from the effective batch, and DDP wrapping."""
+import inspect
 import os
 
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from util.demo_data import ensure_demo_dataset
-from util.distributed import init_distributed, world_size
 from util.checkpoint import plain_args
+from util.cli import available_cpus
+from util.demo_data import ensure_demo_dataset
+from util.distributed import init_distributed, local_processes, world_size
 from util.logger import RunLogger, log
 from util.precision import grad_scaler, resolve_precision
 
@@ -17,6 +19,9 @@ def start(args):
     """Initialise the process group and everything global; returns the device."""
     device = init_distributed(args)
     args.precision = resolve_precision(args.precision, device)
+    if device.type == 'cpu' and 'OMP_NUM_THREADS' not in os.environ:
+        # Training threads and loader workers share the cores: all of them for each would oversubscribe.
+        torch.set_num_threads(max(1, available_cpus() // local_processes() - args.num_workers))
     torch.manual_seed(args.seed + args.rank)
     np.random.seed(args.seed + args.rank)
     if args.output_dir:
@@ -55,13 +60,20 @@ def prepare_training(args, model, device, build_optimizer):
     return wrap_ddp(model, device, args), build_optimizer(args, model), grad_scaler(args.precision, device)
 
 
+# torch 2.14 renamed DDP's per-forward buffer broadcast to forward_sync_buffers (broadcast_buffers is deprecated
+# there); older releases only know broadcast_buffers.
+_NO_BUFFER_SYNC = ({'forward_sync_buffers': False}
+                   if 'forward_sync_buffers' in inspect.signature(DistributedDataParallel.__init__).parameters
+                   else {'broadcast_buffers': False})
+
+
 def wrap_ddp(model, device, args):
     """DDP across processes. Buffers are not re-broadcast every forward: the position tables are fixed, and
     a probe's BatchNorm statistics are synchronised once before each evaluation (classification.run)."""
     if not args.distributed:
         return model
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None,
-                                   forward_sync_buffers=False)
+                                   **_NO_BUFFER_SYNC)
 
 
 def open_logger(args, start_epoch):

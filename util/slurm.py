@@ -5,7 +5,7 @@ import os
 import subprocess
 
 from util import cli
-from util.cli import UserError
+from util.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -6,12 +6,12 @@ import time
 
 import torch
 
-from util.cli import UserError
+from util.errors import UserError
 from util.distributed import all_reduce_any, all_reduce_mean, all_reduce_sum, is_main, world_size
 from util.logger import log
 from util.lr_sched import cosine_lr, set_lr
 from util.precision import autocast
-from util.preemption import StopRequest
+from util.preemption import STOP
 
 
 def _hms(seconds):
@@ -112,7 +112,10 @@ def train_epochs(args, loader, start, run_epoch, after_epoch, save):
     and logs; save(epoch, resume_iter) checkpoints (resume_iter > 0: mid-epoch). On a stop signal the run
     saves where it stopped and returns False; rerunning the same command continues from there.
     """
-    stop = StopRequest().install()
+    stop = STOP.install()  # already installed by util.cli.run; again for callers that bypass it
+    if all_reduce_sum(int(stop.requested)):
+        log('stopped before training started; nothing new to save; run the same command again to start')
+        return False
     start_epoch, start_iter = start
     for epoch in range(start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch, start_iter)

@@ -1,0 +1,125 @@
+"""util/cli.py: every flag documented with its default, no abbreviations, defaults resolved for the machine,
+output folders checked first, and an error printed once per run, also under torchrun."""
+import argparse
+import os
+import signal
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+import main_finetune
+import main_linprobe
+import main_pretrain
+import visualize
+from conftest import launch, pretrain_argv
+from tools import checkpoint_tools
+from util import cli, runtime
+from util.data import eval_loader, init_worker, train_loader
+from util.errors import UserError
+
+PARSERS = {'main_pretrain': main_pretrain.get_args_parser, 'main_finetune': main_finetune.get_args_parser,
+           'main_linprobe': main_linprobe.get_args_parser, 'visualize': visualize.get_args_parser}
+
+
+def actions(parser):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from actions(sub)
+        elif not isinstance(action, argparse._HelpAction):
+            yield action
+
+
+@pytest.mark.parametrize('name', [*PARSERS, 'checkpoint_tools'])
+def test_every_flag_has_help_and_help_shows_defaults(name):
+    parser = PARSERS[name]() if name in PARSERS else checkpoint_tools.get_args_parser()
+    undocumented = [a.dest for a in actions(parser) if not (a.help or '').strip()]
+    assert not undocumented, undocumented
+    text = ' '.join(parser.format_help().split())
+    shown = {'main_pretrain': 'hidden from the encoder (default: 0.75)', 'main_finetune': 'lr decay (default: 0.65)',
+             'main_linprobe': 'initialisation (default: 0)', 'visualize': 'this many times (default: 1)'}
+    assert shown.get(name, '') in text
+
+
+def test_abbreviated_flags_are_refused(capsys):
+    """argparse would take `--epoch 3` as --epochs 3 without a word."""
+    with pytest.raises(SystemExit):
+        cli.parse_args(main_pretrain.get_args_parser(), main_pretrain.DEMO_DEFAULTS, ['--epoch', '3'])
+    assert 'unrecognized arguments: --epoch 3' in capsys.readouterr().err
+
+
+def test_given_flags_and_the_worker_default_capped_at_the_cpus(monkeypatch):
+    parser = main_pretrain.get_args_parser()
+    assert cli.given_flags(parser, ['--epochs', '3', '--no-attn_mask']) == {'epochs', 'attn_mask'}
+    monkeypatch.setattr(cli, 'available_cpus', lambda: 3)
+    args = cli.parse_args(parser, main_pretrain.DEMO_DEFAULTS, ['--data_path', '/data'])
+    assert args.num_workers == 3  # default 10, but only 3 CPUs: the DataLoader would warn about more
+    args = cli.parse_args(main_pretrain.get_args_parser(), main_pretrain.DEMO_DEFAULTS,
+                          ['--data_path', '/data', '--num_workers', '8'])
+    assert args.num_workers == 8  # what the user asks for
+
+
+def test_clamped_finetuning_warmup(capsys):
+    args = cli.parse_args(main_finetune.get_args_parser(), main_finetune.DEMO_DEFAULTS,
+                          ['--data_path', '/data', '--epochs', '2'])
+    assert args.warmup_epochs == 2
+    assert 'the default --warmup_epochs 5 exceeds --epochs 2' in capsys.readouterr().out
+
+
+class ThreadsAndSignals(Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        return torch.tensor([torch.get_num_threads(), signal.getsignal(signal.SIGTERM) == signal.SIG_IGN,
+                             signal.getsignal(signal.SIGINT) == signal.SIG_IGN])
+
+
+def test_loader_workers_run_one_thread_and_ignore_stop_signals(tiny_data):
+    torch.set_num_threads(2)
+    try:
+        batch = next(iter(DataLoader(ThreadsAndSignals(), batch_size=2, num_workers=1, worker_init_fn=init_worker)))
+    finally:
+        torch.set_num_threads(1)
+    assert batch.tolist() == [[1, 1, 1], [1, 1, 1]]
+    from util.data import image_folder, pretrain_transform
+    folder = image_folder(tiny_data, 'train', pretrain_transform(32))
+    assert train_loader(folder, 8, 1, False, 0).worker_init_fn is init_worker
+    assert eval_loader(folder, 8, 1, False).worker_init_fn is init_worker
+
+
+def test_cpu_training_leaves_cores_to_the_loader_workers(tmp_path, monkeypatch):
+    monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
+    monkeypatch.setattr(runtime, 'available_cpus', lambda: 6)
+    args = cli.parse_args(main_pretrain.get_args_parser(), main_pretrain.DEMO_DEFAULTS,
+                          ['--data_path', '/data', '--output_dir', str(tmp_path), '--num_workers', '4'])
+    threads = torch.get_num_threads()
+    try:
+        runtime.start(args)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_output_dir_checks(tmp_path):
+    cli.check_output_dir(str(tmp_path / 'new' / 'nested'), '--output_dir')
+    assert (tmp_path / 'new' / 'nested').is_dir()
+    (tmp_path / 'file').write_text('x')
+    with pytest.raises(UserError, match=r'^--output_dir .*file is a file, not a folder; pass a folder path$'):
+        cli.check_output_dir(str(tmp_path / 'file'), '--output_dir')
+    with pytest.raises(UserError, match=r'^--log_dir .*file/sub lies under a file'):
+        cli.check_output_dir(str(tmp_path / 'file' / 'sub'), '--log_dir')
+    if os.geteuid() != 0:  # root writes into read-only folders anyway
+        (tmp_path / 'ro').mkdir(mode=0o555)
+        with pytest.raises(UserError, match='is not writable'):
+            cli.check_output_dir(str(tmp_path / 'ro' / 'out'), '--output_dir')
+    with pytest.raises(UserError, match='is not writable'):
+        cli.check_output_dir('/proc/milan-out', '--output_dir')
+
+
+def test_an_error_under_torchrun_is_printed_once(tiny_data, tmp_path):
+    output = launch(tmp_path, ['torch.distributed.run'], 'main_pretrain.py',
+                    pretrain_argv(tiny_data, tmp_path / 'out', '--mask_ratio', '1.5'), returncode=1)
+    assert output.count('error: --mask_ratio must be between 0 and 1') == 1, output
+    assert 'exitcode  : 2' in output or 'exitcode: 2' in output.replace(' ', '')
