@@ -8,8 +8,8 @@ the real loader (RandAugment, random erasing) over a folder of JPEGs.
     python benchmarks/bench_finetune.py --device cpu --models vit_tiny_patch8 --input_size 64 --batch_sizes 8 \\
         --precisions fp32 --compile off --steps 2 --warmup 1   # CPU smoke
 
-FLOPs per image are counted on one eager fp32 step (matrix products only); utilisation divides the achieved
-FLOP/s by --peak_tflops.
+FLOPs per image are counted on one eager fp32 step (matrix products and attention); utilisation divides the
+achieved FLOP/s by --peak_tflops.
 """
 import argparse
 import itertools
@@ -25,6 +25,7 @@ from util.data import image_folder, train_loader
 from util import runtime
 from util.logger import RunLogger
 from util.precision import grad_scaler
+
 
 def run_args(opts, model_name, batch_size, precision, compile_):
     """main_finetune's own flags and defaults (the published recipe) for this setting, 1000 classes."""
@@ -48,16 +49,27 @@ def build(args, device):
                                           mixup)
 
 
+def count_flops(opts, model_name, device):
+    """FLOPs per image of the training step, counted on an eager fp32 build. Per image they do not depend on
+    the batch size, so two images do."""
+    run_epoch = common.quiet(build, run_args(opts, model_name, 2, 'fp32', False), device)
+    return common.flops_per_image(run_epoch, synthetic_batch(opts, 2, device))
+
+
 def synthetic_batch(opts, batch_size, device):
     """Normalised float images and labels on the device (the fine-tuning loader normalises on the CPU)."""
     shape = (batch_size, 3, opts.input_size, opts.input_size)
     return torch.randn(shape, device=device), torch.randint(0, 1000, (batch_size,), device=device), []
 
 
-def main():
+def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_args(parser, models_vit.MODELS, 'vit_base_patch16', 128)
-    opts = parser.parse_args()
+    return parser
+
+
+def main():
+    opts = get_args_parser().parse_args()
     device = torch.device(opts.device)
     common.print_header(device)
     with common.jpeg_folder(opts) if opts.data == 'jpeg' else nullcontext() as folder:
@@ -66,9 +78,7 @@ def main():
         data = 'synthetic' if folder is None else f'jpeg, {opts.num_workers} workers'
         peak = common.peak_tflops(opts, device)
         for model_name, batch_size in itertools.product(opts.models, opts.batch_sizes):
-            # FLOPs per image do not depend on the batch size: count them on two images, eager fp32
-            flops = common.flops_per_image(common.quiet(build, run_args(opts, model_name, 2, 'fp32', False), device),
-                                           synthetic_batch(opts, 2, device))
+            flops = count_flops(opts, model_name, device)
             batch = synthetic_batch(opts, batch_size, device)
             for precision, compile_ in itertools.product(opts.precisions, opts.compile):
                 args = run_args(opts, model_name, batch_size, precision, compile_ == 'on')

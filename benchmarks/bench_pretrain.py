@@ -11,10 +11,10 @@ alone.
     python benchmarks/bench_pretrain.py --device cpu --models mae_vit_tiny_patch8 --input_size 64 \\
         --batch_sizes 8 --precisions fp32 --compile off --steps 2 --warmup 1 --teacher tiny   # CPU smoke
 
-FLOPs per image are counted (torch.utils.flop_counter on one eager fp32 step, matrix products only), not
-assumed; utilisation divides the achieved FLOP/s by --peak_tflops. The teacher has random weights of the
-chosen shape (--teacher vit_b16 is the paper's CLIP ViT-B/16): speed does not depend on weight values, and
-nothing is downloaded.
+FLOPs per image are counted (torch.utils.flop_counter on one eager fp32 step: matrix products and
+attention), not assumed; utilisation divides the achieved FLOP/s by --peak_tflops. The teacher has random
+weights of the chosen shape (--teacher vit_b16 is the paper's CLIP ViT-B/16): speed does not depend on weight
+values, and nothing is downloaded.
 """
 import argparse
 import itertools
@@ -26,11 +26,11 @@ import common  # noqa: F401  (puts the repository on sys.path)
 import main_pretrain
 import models_milan
 from engine_pretrain import train_one_epoch
+from util import runtime
 from util.clip_teacher import build_random_teacher
 from util.data import image_folder, pretrain_transform, train_loader
 from util.device_decode import decode_on_device
 from util.logger import RunLogger
-from util.precision import grad_scaler
 
 MODES = {  # main_pretrain flags of each setting
     'milan': ['--use_clip', '--change_decoder', '--attn_mask'],
@@ -57,17 +57,36 @@ def random_teacher(opts, args):
     return build_random_teacher(patch, args.input_size // patch, **TEACHERS[opts.teacher])
 
 
-def build(opts, args, device):
-    """run_epoch(loader): the training epoch over `loader`, with main_pretrain's model, teacher and optimizer
-    (compiled when args.compile)."""
+def build_models(opts, args, device):
+    """main_pretrain's student and teacher for these flags, on the device, their blocks compiled when
+    args.compile."""
     teacher = random_teacher(opts, args)
     if teacher is not None:
         teacher.to(device)
     model = main_pretrain.build_model(args, teacher).to(device)
     main_pretrain.compile_models(args, device, model, teacher)
-    optimizer = main_pretrain.build_optimizer(args, model)
-    scaler, logger = grad_scaler(args.precision, device), RunLogger(None, None)
+    return model, teacher
+
+
+def epoch_runner(args, device, model, teacher):
+    """run_epoch(loader): the training epoch over `loader`, the optimizer, scaler and (when args.distributed)
+    DDP wrapping set up as main_pretrain sets them up."""
+    model, optimizer, scaler = runtime.prepare_training(args, model, device, main_pretrain.build_optimizer)
+    logger = RunLogger(None, None)
     return lambda loader: train_one_epoch(model, teacher, loader, optimizer, scaler, 0, args, device, logger)
+
+
+def build(opts, args, device):
+    """run_epoch(loader): the training epoch over `loader`, with main_pretrain's model, teacher and optimizer
+    (compiled when args.compile)."""
+    return epoch_runner(args, device, *build_models(opts, args, device))
+
+
+def count_flops(opts, model_name, device):
+    """FLOPs per image of the training step, counted on an eager fp32 build. Per image they do not depend on
+    the batch size, so two images do."""
+    run_epoch = common.quiet(build, opts, run_args(opts, model_name, 2, 'fp32', False), device)
+    return common.flops_per_image(run_epoch, synthetic_batch(opts, 2, device))
 
 
 def synthetic_batch(opts, batch_size, device):
@@ -91,9 +110,7 @@ def bench_steps(opts, device, folder):
         ', gpu decode' if opts.gpu_decode else '')
     peak = common.peak_tflops(opts, device)
     for model_name, batch_size in itertools.product(opts.models, opts.batch_sizes):
-        # FLOPs per image do not depend on the batch size: count them on two images, eager fp32
-        flops = common.flops_per_image(common.quiet(build, opts, run_args(opts, model_name, 2, 'fp32', False), device),
-                                       synthetic_batch(opts, 2, device))
+        flops = count_flops(opts, model_name, device)
         batch = synthetic_batch(opts, batch_size, device)
         for precision, compile_ in itertools.product(opts.precisions, opts.compile):
             run_epoch = common.quiet(build, opts, run_args(opts, model_name, batch_size, precision,
@@ -107,30 +124,34 @@ def bench_steps(opts, device, folder):
             common.release(device)
 
 
+def loader_speed(opts, device, loader):
+    """Images/s of the training loader alone (decode, crop, flip, collate; uint8 out) after --warmup batches;
+    with --gpu_decode the workers read files and the batches are decoded and augmented on the device."""
+    batches = common.endless(loader)
+
+    def next_images():
+        images = next(batches)[0]
+        return decode_on_device(images, device, opts.input_size)[0] if opts.gpu_decode else images
+
+    for _ in range(max(opts.warmup, 1)):  # workers started, first batches queued
+        next_images()
+    common.synchronize(device)
+    start = time.perf_counter()
+    count = sum(len(next_images()) for _ in range(opts.steps))
+    common.synchronize(device)
+    return count / (time.perf_counter() - start)
+
+
 def bench_loader(opts, device, folder):
-    """Images/s of the training loader alone (decode, crop, flip, collate; uint8 out); with --gpu_decode the
-    workers read files and the batches are decoded and augmented on the device."""
     table = common.Table('decode', 'batch', 'workers', 'images/s', 'files')
+    where = f'{device.type} (device)' if opts.gpu_decode else 'CPU workers'
     for batch_size in opts.batch_sizes:
         loader = jpeg_loader(opts, folder, batch_size, device)
-        batches = common.endless(loader)
-
-        def next_images():
-            images = next(batches)[0]
-            return decode_on_device(images, device, opts.input_size)[0] if opts.gpu_decode else images
-
-        for _ in range(max(opts.warmup, 1)):  # workers started, first batches queued
-            next_images()
-        common.synchronize(device)
-        start = time.perf_counter()
-        count = sum(len(next_images()) for _ in range(opts.steps))
-        common.synchronize(device)
-        speed = count / (time.perf_counter() - start)
-        where = f'{device.type} (device)' if opts.gpu_decode else 'CPU workers'
-        table.row(where, batch_size, opts.num_workers, f'{speed:,.0f}', len(loader.dataset))
+        table.row(where, batch_size, opts.num_workers, f'{loader_speed(opts, device, loader):,.0f}',
+                  len(loader.dataset))
 
 
-def main():
+def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_args(parser, models_milan.MODELS, 'mae_vit_base_patch16', 256)
     parser.add_argument('--mode', default='milan', choices=sorted(MODES),
@@ -139,7 +160,11 @@ def main():
                         help='shape of the random-weight CLIP teacher (vit_b16: the paper\'s CLIP ViT-B/16)')
     parser.add_argument('--gpu_decode', action='store_true', help='decode and augment on the device (nvJPEG)')
     parser.add_argument('--loader', action='store_true', help='time the input pipeline alone')
-    opts = parser.parse_args()
+    return parser
+
+
+def main():
+    opts = get_args_parser().parse_args()
     device = torch.device(opts.device)
     common.print_header(device)
     if opts.loader or opts.data == 'jpeg':

@@ -1,5 +1,6 @@
 """What the benchmark scripts share: their common options, the run header (device, versions, date, command),
-counted FLOPs, the timing loop over the real training epoch, ImageNet-like JPEGs and the markdown table."""
+counted FLOPs (attention included), the timing loop over the real training epoch, ImageNet-like JPEGs and the
+markdown table."""
 import argparse
 import contextlib
 import datetime
@@ -15,8 +16,9 @@ import time
 import numpy as np
 import timm
 import torch
+import torchvision
 from PIL import Image
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -55,8 +57,8 @@ def device_name(device):
 def print_header(device):
     """Everything needed to read and reproduce the table that follows."""
     cuda = f' (CUDA {torch.version.cuda})' if device.type == 'cuda' else ''
-    print(f'# {device_name(device)}; torch {torch.__version__}{cuda}; timm {timm.__version__}; '
-          f'{datetime.date.today()}')
+    print(f'# {device_name(device)}; torch {torch.__version__}{cuda}; torchvision {torchvision.__version__}; '
+          f'timm {timm.__version__}; {datetime.date.today()}')
     print(f'# python {os.path.relpath(sys.argv[0], ROOT)} {" ".join(sys.argv[1:])}', flush=True)
 
 
@@ -114,10 +116,31 @@ def release(device):
         torch.cuda.empty_cache()
 
 
+def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs):
+    return sdpa_flop_count(query, key, value)
+
+
+def _cpu_attention_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs):
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+# torch's counter knows the CUDA attention kernels only; the CPU's fused kernel would count 0. These give it
+# torch's own count for the CUDA kernels: 4 B H Nq Nk D forward, 2.5 times that backward.
+CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flops,
+}
+
+
+def flop_counter():
+    """torch.utils.flop_counter's mode, counting attention on the CPU as on the GPU."""
+    return FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS)
+
+
 def flops_per_image(run_epoch, batch):
-    """Matrix-product FLOPs of one training step (forward and backward) on `batch`, counted by
+    """Matrix-product and attention FLOPs of one training step (forward and backward) on `batch`, counted by
     torch.utils.flop_counter; run it on an eager fp32 build so every product is seen."""
-    counter = FlopCounterMode(display=False)
+    counter = flop_counter()
     with counter:
         quiet(run_epoch, Batches(itertools.repeat(batch), 1))
     return counter.get_total_flops() / len(batch[0])
@@ -145,18 +168,22 @@ def step_row(batch_size, seconds, peak_gib, flops, peak):
     return f'{speed:,.1f}', f'{1000 * seconds:.1f}', memory, f'{flops / 1e9:.4g}', mfu
 
 
-def generate_jpegs(folder, count, seed=0):
+def generate_jpegs(folder, count, seed=0, distinct=None):
     """ImageNet-like files under folder/train/n0: about 500x375 and 100+ KB each (smooth colour fields plus
-    noise), so decoding costs what ImageNet's does."""
+    noise), so decoding costs what ImageNet's does. With `distinct`, only that many are drawn and the others
+    are hard links to them: decoding costs the same, and drawing them is the slow part."""
     rng = np.random.default_rng(seed)
-    os.makedirs(os.path.join(folder, 'train', 'n0'), exist_ok=True)
-    for i in range(count):
+    images = os.path.join(folder, 'train', 'n0')
+    os.makedirs(images, exist_ok=True)
+    distinct = count if distinct is None else min(distinct, count)
+    for i in range(distinct):
         w, h = int(rng.integers(400, 560)), int(rng.integers(300, 420))
         base = rng.integers(0, 256, (h // 16 + 1, w // 16 + 1, 3)).astype(np.uint8)
         img = np.asarray(Image.fromarray(base).resize((w, h), Image.BICUBIC), dtype=np.float32)
         img += rng.normal(0, 20, img.shape)
-        Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(
-            os.path.join(folder, 'train', 'n0', f'{i:06d}.JPEG'), quality=90)
+        Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(os.path.join(images, f'{i:06d}.JPEG'), quality=90)
+    for i in range(distinct, count):
+        os.link(os.path.join(images, f'{i % distinct:06d}.JPEG'), os.path.join(images, f'{i:06d}.JPEG'))
     return folder
 
 

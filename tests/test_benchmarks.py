@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import main_pretrain
@@ -17,16 +18,36 @@ TINY = ['--device', 'cpu', '--input_size', '32', '--batch_sizes', '4', '--precis
         '--steps', '2', '--warmup', '1']
 
 
+def markdown_tables(text):
+    """Every markdown table in `text`, each as a list of {column: cell} rows."""
+    tables, rows = [], []
+    for line in text.splitlines() + ['']:
+        if line.startswith('| '):
+            if '---' not in line:
+                rows.append([cell.strip() for cell in line.strip('|').split('|')])
+        elif rows:
+            tables.append([dict(zip(rows[0], row)) for row in rows[1:]])
+            rows = []
+    return tables
+
+
 def bench(script, *argv):
     """(header lines, table rows as {column: cell}) of one run."""
     result = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', script), *argv],
                             cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
-    header = [line for line in lines if line.startswith('# ')]
-    table = [[cell.strip() for cell in line.strip('|').split('|')] for line in lines
-             if line.startswith('| ') and '---' not in line]
-    return header, [dict(zip(table[0], row)) for row in table[1:]]
+    header = [line for line in result.stdout.splitlines() if line.startswith('# ')]
+    return header, markdown_tables(result.stdout)[0]
+
+
+@pytest.fixture()
+def benchmarks():
+    """The benchmark scripts importable as modules (they import each other by bare name)."""
+    sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+    try:
+        yield
+    finally:
+        sys.path.remove(os.path.join(ROOT, 'benchmarks'))
 
 
 def test_pretrain_benchmark_header_and_rows():
@@ -64,13 +85,9 @@ def test_finetune_benchmark_rows():
 
 
 @pytest.fixture()
-def estimate_memory():
-    sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
-    try:
-        import estimate_memory
-        yield estimate_memory
-    finally:
-        sys.path.remove(os.path.join(ROOT, 'benchmarks'))
+def estimate_memory(benchmarks):
+    import estimate_memory
+    return estimate_memory
 
 
 def test_memory_estimate_keeps_exactly_weights_and_adamw_state_between_steps(estimate_memory):
@@ -90,7 +107,46 @@ def test_memory_estimate_keeps_exactly_weights_and_adamw_state_between_steps(est
     assert peaks[0] > resident * 2  # activations and gradients on top of the weights
     assert peaks[2] - peaks[1] == pytest.approx(2 * (peaks[1] - peaks[0]), rel=0.02)  # activations grow with batch
 
+
 def test_memory_estimate_table():
     _, (row,) = bench('estimate_memory.py', '--models', 'mae_vit_tiny_patch8', '--input_size', '32', '--batch_sizes',
                       '4', '--teacher', 'tiny')
     assert row['model'] == 'mae_vit_tiny_patch8' and float(row['estimated peak GiB']) > 0
+
+
+def test_attention_flops_counted_on_the_cpu(benchmarks):
+    """torch counts 0 for the CPU's fused attention kernel; the benchmarks' counter gives it torch's CUDA count:
+    4 B H Nq Nk D forward (two products), 2.5 times that backward."""
+    import common
+    b, h, nq, nk, d = 2, 3, 5, 7, 16
+    q = torch.randn(b, h, nq, d, requires_grad=True)
+    k, v = (torch.randn(b, h, nk, d, requires_grad=True) for _ in range(2))
+    with common.flop_counter() as counter:
+        out = F.scaled_dot_product_attention(q, k, v)
+    assert counter.get_total_flops() == 4 * b * h * nq * nk * d
+    with common.flop_counter() as counter:
+        out.sum().backward()
+    assert counter.get_total_flops() == 10 * b * h * nq * nk * d
+
+
+def test_gpu_check_toy_mode(tmp_path):
+    """The GPU check's every section at toy size on the CPU (compiled, bf16 autocast): the same code path as on
+    a GPU. The table file holds what was printed, every correctness row passes, every speed row has a speed."""
+    result = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', 'gpu_check.py'), str(tmp_path), '--toy'],
+                            cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = (tmp_path / 'gpu_check.md').read_text()
+    assert text == result.stdout
+    header = [line for line in text.splitlines() if line.startswith('# ')]
+    assert 'torch ' + torch.__version__ in header[0] and 'torchvision ' in header[0]
+    assert header[1] == f'# python benchmarks/gpu_check.py {tmp_path} --toy'
+    correctness, speed = markdown_tables(text)
+    assert [row['check'].split(':')[0].split(' (')[0] for row in correctness] == [
+        'compiled bf16 step vs eager fp32'] * 3 + ['--gpu_decode', 'visualize.panels on compiled blocks',
+                                                   'one DDP step']
+    assert all(row['result'] == 'PASS' for row in correctness), correctness
+    assert [row['setting'].split(',')[0] for row in speed] == [
+        'MILAN mae_vit_tiny_patch8', 'MAE baseline mae_vit_tiny_patch8', 'loader', 'loader',
+        'fine-tuning vit_tiny_patch8']
+    assert all(float(row['images/s'].replace(',', '')) > 0 for row in speed), speed
+    assert all(float(row['GFLOP/image']) > 0 for row in speed if not row['setting'].startswith('loader'))

@@ -34,14 +34,15 @@ def start(args):
 
 def compile_blocks(args, device, *block_lists):
     """torch.compile every transformer block in place when --compile (default: on CUDA). Per block rather than
-    the whole model: one small graph reused by every block, shapes static (the kept-patch count is fixed),
-    and state-dict keys unchanged."""
+    the whole model: one small graph reused by every block, and state-dict keys unchanged. Shapes are static
+    (the kept-patch count is fixed): without dynamic=False, the MAE decoder's blocks, the encoder's class at
+    another sequence length, would turn the encoder's graph into a slower dynamic-shape one."""
     if args.compile is None:
         args.compile = device.type == 'cuda'
     if args.compile:
         for blocks in block_lists:
             for block in blocks:
-                block.compile()
+                block.compile(dynamic=False)
 
 
 def set_lr_from_batch(args):

@@ -1,0 +1,49 @@
+"""models_vit.py: the classifiers' sizes, and stochastic depth with timm's law in a form one compiled graph
+serves for every block."""
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+import models_vit
+from models_milan import MODELS as PRETRAIN_MODELS
+
+
+def test_sizes_match_the_pretraining_encoders():
+    for name, size in models_vit.MODELS.items():
+        pretrain = PRETRAIN_MODELS['mae_' + name]
+        assert {k: pretrain[k] for k in size} == size, name
+
+
+def test_drop_path_rates_rise_linearly_as_in_timm():
+    model = models_vit.create_model('vit_base_patch16', drop_path=0.1)
+    rates = [float(block.drop_path1.rate) for block in model.blocks]
+    assert rates == pytest.approx([0.1 * i / 11 for i in range(12)])
+    assert all(float(b.drop_path2.rate) == float(b.drop_path1.rate) for b in model.blocks)
+    reference = VisionTransformer(embed_dim=768, depth=12, num_heads=12, drop_path_rate=0.1, global_pool='avg')
+    assert set(model.state_dict()) == set(reference.state_dict())  # the rates are not saved
+
+
+def test_drop_path_keeps_each_sample_with_one_minus_rate_and_rescales():
+    drop = models_vit.DropPath(0.25)
+    x = torch.ones(20000, 3, 2)
+    torch.manual_seed(0)
+    out = drop(x)
+    per_sample = out[:, 0, 0]
+    assert torch.equal(per_sample.unique(), torch.tensor([0.0, 1 / 0.75]))
+    assert (out == per_sample[:, None, None]).all()  # the whole sample's branch, not single elements
+    assert (per_sample > 0).float().mean().item() == pytest.approx(0.75, abs=0.01)
+    drop.eval()
+    assert torch.equal(drop(x), x)
+
+
+def test_compiled_blocks_with_different_rates_share_one_graph():
+    """timm's float rates are constants to torch.compile: a graph per block, past Dynamo's limit of 8 for
+    ViT-B (whose remaining blocks then run uncompiled)."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    model = models_vit.create_model('vit_tiny_patch8', img_size=32, num_classes=4, drop_path=0.1)
+    for block in model.blocks:
+        block.compile(dynamic=False)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert counters['stats']['unique_graphs'] == 1
