@@ -1,6 +1,7 @@
 """MILAN pretraining: a ViT learns to predict a frozen CLIP image encoder's per-token features from a
 masked view of the image. Without --data_path it runs a small CPU demo on generated images."""
 import datetime
+import os
 import time
 
 import torch
@@ -20,8 +21,9 @@ from util.train_loop import train_epochs
 
 KIND = 'pretrain'
 # A resumed run must build the same model as the checkpoint's and train it by the same method.
-RESUME_FLAGS = ('model', 'input_size', 'use_clip', 'change_decoder', 'norm_pix_loss', 'mask_ratio', 'attn_mask')
-TEACHER_FLAGS = ('clip_model', 'average_targets', 'teacher_input_norm')  # the target, with --use_clip
+RESUME_FLAGS = ('model', 'input_size', 'use_clip', 'change_decoder', 'mask_ratio', 'attn_mask')
+TEACHER_FLAGS = ('clip_model', 'average_targets', 'teacher_input_norm')  # what defines the CLIP target
+PIXEL_FLAGS = ('norm_pix_loss',)  # what defines the pixel target
 
 # The demo: a tiny ViT and a random tiny CLIP teacher on generated 64x64 images, ~20 s on 2 CPU cores.
 DEMO_DEFAULTS = dict(model='mae_vit_tiny_patch8', input_size=64, batch_size=32, epochs=10, warmup_epochs=2,
@@ -62,6 +64,8 @@ def validate_args(args):
     check(0 < args.mask_ratio < 1, f'--mask_ratio must be between 0 and 1 (exclusive), got {args.mask_ratio}')
     check(not args.attn_mask or args.use_clip,
           '--attn_mask needs the CLIP teacher\'s attention: add --use_clip or drop --attn_mask')
+    if os.path.isfile(args.clip_model):  # so that a resume compares the same file however it was named
+        args.clip_model = os.path.abspath(args.clip_model)
     if args.norm_pix_loss and args.use_clip:  # the released recipes pass both
         log('note: --norm_pix_loss has no effect on the CLIP target (it normalises pixel targets only)')
     check(args.average_targets == 1 or args.use_clip, '--average_targets needs --use_clip')
@@ -122,7 +126,7 @@ def fixed_images(dataset, count, size):
 def main(args):
     validate_args(args)
     device = runtime.start(args)
-    found = find_resume(args, KIND, RESUME_FLAGS + (TEACHER_FLAGS if args.use_clip else ()))
+    found = find_resume(args, KIND, RESUME_FLAGS + (TEACHER_FLAGS if args.use_clip else PIXEL_FLAGS))
 
     dataset = image_folder(args.data_path, 'train', pretrain_transform(args.input_size))
     loader = train_loader(dataset, args.batch_size, args.num_workers, args.pin_mem and device.type == 'cuda',
@@ -141,7 +145,8 @@ def main(args):
         f'decoder, {"semantic-aware" if args.attn_mask else "random"} masking of {args.mask_ratio:.0%}; {device}')
     model_without_ddp = model
     model, optimizer, scaler = runtime.prepare_training(args, model_without_ddp, device, build_optimizer)
-    start, _ = resume_training(args, model_without_ddp, optimizer, scaler, KIND, found=found)
+    start = resume_training(args, model_without_ddp, optimizer, scaler, KIND, found=found)[0]
+    del found  # the checkpoint's tensors, which would stay in host memory for the whole run
     logger = runtime.open_logger(args, start[0])
     bad_images = BadImages(len(dataset), args.max_bad_frac)
     vis_images = fixed_images(dataset, args.vis_images, args.input_size) if logger.writer else None

@@ -33,7 +33,7 @@ class DropPath(nn.Module):
             return x
         keep = 1 - self.rate
         kept = torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device) < keep
-        return x * (kept / keep).to(x.dtype)
+        return x * (kept / keep.clamp_min(1e-12)).to(x.dtype)  # rate 1 drops every sample, no 0 / 0
 
 
 def create_model(name, img_size=224, num_classes=1000, global_pool=True, drop_path=0.0):

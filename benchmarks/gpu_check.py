@@ -56,9 +56,11 @@ GRAD_COSINE = 0.99
 GRAD_NORM_RTOL = 5e-2
 # torchvision's own bound for nvJPEG against libjpeg, mean absolute difference in uint8 levels
 DECODE_LEVELS = 2.0
-# one process: DDP should change nothing; the margin is for non-deterministic GPU kernels only, a broken step
-# is off by orders of magnitude more
-DDP_RTOL = 1e-4
+# One process: DDP should change nothing. The first AdamW step is about lr x sign(gradient), so gradient noise
+# (flash attention's non-deterministic backward, DDP's graphs split at its buckets) flips the update of the
+# weights whose gradients are near zero: compare directions, which a graph that drops or mis-casts an op moves
+# far more.
+DDP_COSINE = 0.999
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,9 +202,9 @@ def ddp_step(size, device, folder):
             plain, wrapped = [step_update(opts, size, device, batch, ddp) for ddp in (False, True)]
         finally:
             dist.destroy_process_group()
-    error = ((wrapped - plain).norm() / plain.norm()).item()
-    return [(f'one DDP step ({backend}, 1 process) vs without DDP', f'update rel. error {error:.1e}',
-             f'<= {DDP_RTOL:g}', error <= DDP_RTOL)]
+    cosine = torch.nn.functional.cosine_similarity(wrapped, plain, dim=0).item()
+    return [(f'one DDP step ({backend}, 1 process) vs without DDP', f'update cosine {cosine:.5f}',
+             f'>= {DDP_COSINE:g}', cosine >= DDP_COSINE)]
 
 
 def step_speed(run_epoch, batch, flops, opts, device):

@@ -7,7 +7,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -15,12 +14,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from util.demo_data import ensure_demo_dataset  # noqa: E402
+from util.preemption import STOP  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path, monkeypatch):
     """Nothing a test runs may read or write the user's ~/.cache."""
     monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
+
+
+@pytest.fixture(autouse=True)
+def signal_handlers_restored():
+    """A run started in this process takes the stop signals (util.runtime.start); give them back after."""
+    yield
+    STOP.uninstall()
 
 
 @pytest.fixture(scope='session')
@@ -58,20 +65,20 @@ def run_cli(argv, script='main_pretrain.py', timeout=300):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def interrupt(args, when, sig, group=False, times=1, script='main_pretrain.py', timeout=300):
-    """Start the CLI, send `sig` (`times` times, to its whole process group with `group`: what a terminal's
-    Ctrl-C, SLURM's scancel and torchrun do) once a line containing `when` is printed; return (exit code,
-    output)."""
+def interrupt(args, when, sig, group=False, again=None, script='main_pretrain.py', timeout=300):
+    """Start the CLI, send `sig` (to its whole process group with `group`: what a terminal's Ctrl-C, SLURM's
+    scancel and torchrun do) once a line containing `when` is printed, and once more when one containing
+    `again` is; return (exit code, output)."""
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, env=cli_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=group)
-    output = []
+    output, cues = [], [cue for cue in (when, again) if cue]
     for line in proc.stdout:
         output.append(line)
-        if when in line:
-            for i in range(times):
-                time.sleep(0.3 * (i > 0))  # a signal sent before the last was handled would merge with it
-                os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
-            break
+        if cues[0] in line:
+            os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
+            cues.pop(0)
+            if not cues:
+                break
     output.append(proc.communicate(timeout=timeout)[0])
     return proc.returncode, ''.join(output)
 

@@ -16,7 +16,8 @@ from conftest import launch, pretrain_argv
 from tools import checkpoint_tools
 from util import cli, runtime
 from util.data import eval_loader, init_worker, train_loader
-from util.errors import UserError
+from util.errors import LocalError, UserError
+from util.preemption import STOP
 
 PARSERS = {'main_pretrain': main_pretrain.get_args_parser, 'main_finetune': main_finetune.get_args_parser,
            'main_linprobe': main_linprobe.get_args_parser, 'visualize': visualize.get_args_parser}
@@ -123,3 +124,38 @@ def test_an_error_under_torchrun_is_printed_once(tiny_data, tmp_path):
                     pretrain_argv(tiny_data, tmp_path / 'out', '--mask_ratio', '1.5'), returncode=1)
     assert output.count('error: --mask_ratio must be between 0 and 1') == 1, output
     assert 'exitcode  : 2' in output or 'exitcode: 2' in output.replace(' ', '')
+
+
+@pytest.mark.parametrize('error,printed', [(UserError('bad flag'), ''),
+                                           (LocalError('bad image'), '[rank 1] bad image')])
+def test_other_ranks_print_only_what_they_met_alone(monkeypatch, capsys, error, printed):
+    """Rank 0 prints what every process meets alike; an error in one process's own data is printed there."""
+    monkeypatch.setattr(cli, 'launch_rank', lambda: 1)
+    monkeypatch.setattr(cli, 'world_size', lambda: 2)
+
+    def main(args):
+        raise error
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.run(main, None)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == (f'error: {printed}\n' if printed else '')
+
+
+def test_stop_handlers_are_per_run(tmp_path):
+    """A training run takes the stop signals and gives them back; a new run forgets an earlier request;
+    an evaluation-only run leaves Ctrl-C alone (it never checks for a stop)."""
+    before = signal.getsignal(signal.SIGINT)
+    STOP.install()
+    STOP._handle(signal.SIGTERM, None)
+    assert STOP.requested
+    STOP.install()
+    assert not STOP.requested and signal.getsignal(signal.SIGTERM) == STOP._handle
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C after any stop request quits at once
+        STOP._handle(signal.SIGTERM, None) or STOP._handle(signal.SIGINT, None)
+    STOP.uninstall()
+    assert signal.getsignal(signal.SIGINT) == before
+    args = cli.parse_args(main_finetune.get_args_parser(), main_finetune.DEMO_DEFAULTS,
+                          ['--eval', '--resume', __file__, '--output_dir', str(tmp_path)])
+    runtime.start(args)
+    assert signal.getsignal(signal.SIGINT) == before

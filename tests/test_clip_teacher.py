@@ -1,8 +1,11 @@
-"""The CLIP teacher against openai-clip's own model on tiny, locally generated checkpoints (no network)."""
+"""The CLIP teacher against openai-clip's own model on tiny, locally generated checkpoints (no network).
+The comparisons with openai-clip are skipped where it is not installed (GPU images); the rest runs anyway."""
 import hashlib
 import http.client
 import io
 import os
+import re
+import sys
 import urllib.request
 import warnings
 
@@ -13,15 +16,26 @@ from util import clip_teacher
 from util.errors import UserError
 from util.clip_teacher import build_random_teacher, check_patch_grid, download_clip, load_clip_teacher
 
-with warnings.catch_warnings():
-    warnings.simplefilter('ignore')  # openai-clip imports the deprecated pkg_resources
-    import clip
-
 PATCH, GRID = 8, 4
 
 
 @pytest.fixture(scope='module')
-def clip_sd():
+def clip():
+    """openai-clip, the reference implementation: a test dependency only, the runtime never imports it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # openai-clip imports the deprecated pkg_resources
+        return pytest.importorskip('clip')
+
+
+def test_url_table_matches_openai_clip(clip):
+    vits = {name: url for name, url in clip.clip._MODELS.items() if name.startswith('ViT')}
+    assert clip_teacher.CLIP_MODEL_URLS == vits
+    assert set(clip_teacher.CLIP_RESNETS) == set(clip.clip._MODELS) - set(vits)
+    assert all(re.fullmatch('[0-9a-f]{64}', url.split('/')[-2]) for url in vits.values())  # the SHA-256
+
+
+@pytest.fixture(scope='module')
+def clip_sd(clip):
     """A tiny full CLIP (2 vision heads, 3 blocks) with every parameter perturbed, so no LayerNorm or bias
     is trivial."""
     g = torch.Generator().manual_seed(0)
@@ -37,7 +51,7 @@ def clip_sd():
 
 
 @pytest.fixture(scope='module')
-def reference(clip_sd):
+def reference(clip, clip_sd):
     """openai-clip's model from its own build_model; fp32 weights restored after its fp16 conversion."""
     _, sd = clip_sd
     model = clip.model.build_model(dict(sd)).float().eval()
@@ -166,17 +180,19 @@ def test_build_random_teacher_is_seeded_and_leaves_global_rng():
 
 
 @pytest.fixture
-def served(checkpoints, tmp_path, monkeypatch):
-    """A fake URL table serving the tiny TorchScript checkpoint over file:// (right and wrong hash); counts fetches."""
-    data = checkpoints['torchscript'].read_bytes()
+def served(tmp_path, monkeypatch):
+    """A fake URL table serving a tiny CLIP state dict over file:// (right and wrong hash); counts fetches.
+    Built from our own teacher, so the download tests run without openai-clip."""
+    buf = io.BytesIO()
+    torch.save({f'visual.{k}': v for k, v in build_random_teacher(PATCH, GRID).state_dict().items()}, buf)
+    data = buf.getvalue()
     sha = hashlib.sha256(data).hexdigest()
     good, bad = tmp_path / 'srv' / sha, tmp_path / 'srv' / ('0' * 64)
     for d in (good, bad):
         d.mkdir(parents=True)
         (d / 'ViT-T-8.pt').write_bytes(data)
-    urls = {'ViT-T/8': (good / 'ViT-T-8.pt').as_uri(), 'ViT-Bad/8': (bad / 'ViT-T-8.pt').as_uri(),
-            'RN50': (good / 'ViT-T-8.pt').as_uri()}
-    monkeypatch.setattr(clip_teacher, '_model_urls', lambda: urls)
+    urls = {'ViT-T/8': (good / 'ViT-T-8.pt').as_uri(), 'ViT-Bad/8': (bad / 'ViT-T-8.pt').as_uri()}
+    monkeypatch.setattr(clip_teacher, 'CLIP_MODEL_URLS', urls)
     calls = []
     real = urllib.request.urlopen
     monkeypatch.setattr(urllib.request, 'urlopen', lambda url, *a, **k: calls.append(url) or real(url, *a, **k))
@@ -243,7 +259,8 @@ def bad_files(tmp_path):
 
 
 @pytest.mark.parametrize('name, match', [('ViT-Z/99', 'neither an existing file'), ('RN50', 'only ViT')])
-def test_bad_model_names(name, match, tmp_path):
+def test_bad_model_names(name, match, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, 'clip', None)  # GPU images have no openai-clip: any import of it fails
     with pytest.raises(UserError, match=match) as e:
         load_clip_teacher(name, str(tmp_path))
     assert '\n' not in str(e.value)

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -158,9 +159,12 @@ def test_resume_of_another_model_is_refused(tiny_data, tmp_path):
     (['--clip_model', 'ViT-B/16'], '--clip_model random, not --clip_model ViT-B/16'),
     (['--teacher_input_norm', 'clip'], '--teacher_input_norm imagenet, not --teacher_input_norm clip'),
 ])
-def test_resume_with_another_method_is_refused_naming_output_dir(milan_checkpoint, tiny_data, changed, message):
+def test_resume_with_another_method_is_refused_naming_output_dir(milan_checkpoint, tiny_data, tmp_path, changed,
+                                                                 message):
     """The README's `--epochs 3 --no-attn_mask` after the demo must not silently continue the demo's run."""
-    out = os.path.dirname(milan_checkpoint)
+    out = tmp_path / 'out'
+    out.mkdir()
+    shutil.copy(milan_checkpoint, out)  # a wrong implementation would train on in the shared fixture's folder
     argv = pretrain_argv(tiny_data, out, '--use_clip', '--change_decoder', '--attn_mask', '--epochs', '2', *changed)
     with pytest.raises(UserError, match=f'trained with {message}; resume with the same flags, or pass another '
                                         f'--output_dir to start a new run'):
@@ -202,7 +206,6 @@ def test_bad_output_dir_is_one_line_before_anything_is_built(tmp_path, make, mes
 
 def corrupt_copy(tiny_data, tmp_path, names):
     """A copy of the data with the named train images truncated mid-file."""
-    import shutil
     data = tmp_path / 'data'
     shutil.copytree(tiny_data, data)
     bad = [data / 'train' / name.split('_')[0] / name for name in names]

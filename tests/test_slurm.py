@@ -1,11 +1,13 @@
-"""The submitit launchers: flags, the job environment, requeue on a signal-stopped run."""
+"""The submitit launchers: flags, the job environment, requeue on a signal-stopped run. The tests that need
+submitit (a dev dependency: GPU images often lack it) are skipped without it."""
 import os
+import subprocess
+import sys
 
 import pytest
-import submitit
 
 import main_pretrain
-from conftest import pretrain_argv
+from conftest import ROOT, cli_env, pretrain_argv
 from util import slurm
 from util.errors import UserError
 
@@ -19,7 +21,12 @@ def restore_dist_env(monkeypatch):
     monkeypatch.setenv('PYTHONPATH', os.environ.get('PYTHONPATH', ''))  # submit() extends it
 
 
-def test_submitit_job_trains_and_completes(tiny_data, tmp_path):
+@pytest.fixture
+def submitit():
+    return pytest.importorskip('submitit')
+
+
+def test_submitit_job_trains_and_completes(submitit, tiny_data, tmp_path):
     """submitit's debug executor runs the real job function in this process, with its job environment."""
     out = tmp_path / 'out'
     job = slurm.submit(main_pretrain, 'milan_pretrain',
@@ -34,16 +41,16 @@ def test_submitit_job_trains_and_completes(tiny_data, tmp_path):
     ('main_finetune', ['--drop_path', '2'], r'--drop_path must be in \[0, 1\)'),
     ('main_linprobe', ['--eval'], '--eval needs --resume'),
 ], ids=['pretrain', 'finetune', 'linprobe'])
-def test_bad_flags_are_refused_before_anything_is_queued(tiny_data, tmp_path, module, flags, message):
+def test_bad_flags_are_refused_before_anything_is_queued(submitit, tiny_data, tmp_path, module, flags, message):
     import importlib
     out = tmp_path / 'out'
     argv = ['--data_path', tiny_data, '--output_dir', str(out), '--cluster', 'debug', *flags]
     with pytest.raises(UserError, match=message):
         slurm.submit(importlib.import_module(module), 'job', argv)
-    assert not out.exists()  # no job folder: nothing was submitted
+    assert not (out / 'submitit').exists()  # no job folder: nothing was submitted
 
 
-def test_checkpoint_hook_requeues_the_same_run(tiny_data, tmp_path):
+def test_checkpoint_hook_requeues_the_same_run(submitit, tiny_data, tmp_path):
     args = main_pretrain.get_args_parser().parse_args(pretrain_argv(tiny_data, tmp_path))
     trainer = slurm.Trainer(main_pretrain.main, args)
     delayed = trainer.checkpoint()
@@ -51,7 +58,7 @@ def test_checkpoint_hook_requeues_the_same_run(tiny_data, tmp_path):
     assert delayed.function.main is main_pretrain.main and delayed.function.args is args
 
 
-def test_signal_stopped_run_requeues_itself(tmp_path, monkeypatch):
+def test_signal_stopped_run_requeues_itself(submitit, tmp_path, monkeypatch):
     calls = []
 
     class FakeEnv:
@@ -65,6 +72,19 @@ def test_signal_stopped_run_requeues_itself(tmp_path, monkeypatch):
     assert (os.environ['RANK'], os.environ['WORLD_SIZE'], os.environ['MASTER_ADDR']) == ('0', '1', 'node1')
     slurm.Trainer(lambda args: {'completed': True}, None)()
     assert len(calls) == 1  # a finished run is not requeued
+
+
+def test_without_submitit_the_launchers_say_so_in_one_line(tmp_path):
+    """GPU images often lack submitit: --help and a submission both exit 2 with one line, no traceback."""
+    for argv in (['--help'], ['--output_dir', str(tmp_path / 'out')]):
+        # None in sys.modules makes `import submitit` fail as if it were not installed
+        code = (f'import runpy, sys; sys.modules["submitit"] = None; sys.argv[1:] = {argv!r}; '
+                'runpy.run_path("submitit_pretrain.py", run_name="__main__")')
+        r = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=cli_env(), capture_output=True, text=True,
+                           timeout=120)
+        assert (r.returncode, r.stdout) == (2, '')
+        assert r.stderr == 'error: SLURM submission needs submitit: pip install submitit\n'
+    assert not (tmp_path / 'out').exists()
 
 
 def test_srun_without_a_launcher_reads_slurm_variables(monkeypatch, tmp_path):

@@ -6,8 +6,8 @@ import time
 
 from engine_finetune import evaluate, train_one_epoch
 from util import cli, runtime
-from util.checkpoint import load_checkpoint, load_model_state, plain_args, resume_training, save_atomic, \
-    save_training
+from util.checkpoint import find_resume, load_checkpoint, load_model_state, plain_args, resume_training, \
+    save_atomic, save_training
 from util.errors import UserError, check
 from util.data import BadImages, eval_loader, eval_transform, image_folder, train_loader
 from util.distributed import broadcast_buffers, cleanup, is_main
@@ -64,6 +64,7 @@ def run(args, kind, build_model, build_optimizer, train_transform, criterion, mi
     """
     validate_args(args)
     device = runtime.start(args)
+    found = (None, None) if args.eval else find_resume(args, kind, RESUME_FLAGS)
     demo_pretrained(args)
     train_set = image_folder(args.data_path, 'train', train_transform)
     val_set = image_folder(args.data_path, 'val', eval_transform(args.input_size))
@@ -88,8 +89,9 @@ def run(args, kind, build_model, build_optimizer, train_transform, criterion, mi
         return stats
 
     loader = train_loader(train_set, args.batch_size, args.num_workers, pin, args.seed)
-    start, resumed = resume_training(args, model_without_ddp, optimizer, scaler, kind, same_flags=RESUME_FLAGS)
+    start, resumed = resume_training(args, model_without_ddp, optimizer, scaler, kind, found=found)
     best = resumed.get('best_acc1', 0.0) if resumed else 0.0
+    del found, resumed  # the checkpoint's tensors, which would stay in host memory for the whole run
     last = {}
     logger = runtime.open_logger(args, start[0])
     bad_images = BadImages(len(train_set), args.max_bad_frac)

@@ -6,8 +6,8 @@ import sys
 import tempfile
 import textwrap
 
-from util.distributed import launch_rank
-from util.errors import UserError, check, one_line
+from util.distributed import launch_rank, local_processes, world_size
+from util.errors import LocalError, UserError, check, one_line
 from util.logger import log
 from util.preemption import STOP
 
@@ -37,24 +37,34 @@ def make_parser(prog, description, demo_defaults=None):
 
 
 def run(main, args):
-    """Run an entry point and return its result. The stop signals are handled from here on (a stop during
-    start-up ends the run before it trains). A UserError ends the process with `error: ...` on stderr and exit
-    code 2, printed once per run: by rank 0, or by the rank whose own data it concerns (a loader worker's
-    error). A run stopped by Ctrl-C (after saving) exits 130, as shells expect, so `a && b` stops too."""
-    STOP.install()
+    """Run an entry point and return its result, ending the process the way a user can read:
+    - a UserError: `error: ...` on stderr and exit code 2, printed once per run: by rank 0 (every process meets
+      it alike), or by the process that met it in its own data (a LocalError, or one a loader worker raised);
+    - Ctrl-C during a run that already stops, or where nothing checks for a stop: one line, exit code 130;
+    - a run stopped by Ctrl-C (after saving): exit code 130, as shells expect, so that `a && b` stops too;
+    - a collective that fails once a stop signal has arrived (torchrun stops the others when one process
+      failed): one line naming that cause instead of the backend's traceback, exit code 1."""
     try:
         result = main(args)
     except UserError as e:
-        if launch_rank() == 0:
-            print(f'error: {one_line(e)}', file=sys.stderr, flush=True)
-        elif 'Original Traceback' in str(e):
-            print(f'error: [rank {launch_rank()}] {one_line(e)}', file=sys.stderr, flush=True)
+        local = isinstance(e, LocalError) or 'Original Traceback' in str(e)
+        if launch_rank() == 0 or local:
+            rank = f'[rank {launch_rank()}] ' if local and world_size() > 1 else ''
+            print(f'error: {rank}{one_line(e)}', file=sys.stderr, flush=True)
         sys.exit(2)
     except KeyboardInterrupt:
         if launch_rank() == 0:
-            print('error: interrupted before the next checkpoint; the last checkpoint written is intact',
+            print('error: interrupted: stopped without saving; checkpoints written before are intact',
                   file=sys.stderr, flush=True)
         sys.exit(130)
+    except RuntimeError as e:
+        if not (STOP.requested and world_size() > 1):
+            raise
+        print(f'error: [rank {launch_rank()}] lost the other processes after a stop signal (another process '
+              f'failed, see its error, or was stopped): {one_line(e)}', file=sys.stderr, flush=True)
+        sys.exit(1)
+    finally:
+        STOP.uninstall()
     if STOP.signal == signal.SIGINT and not (result or {}).get('completed', True):
         sys.exit(130)
     return result
@@ -129,8 +139,8 @@ def parse_args(parser, demo_defaults, argv=None):
     args = parser.parse_args(argv)
     args.demo = args.data_path is None
     args.log_dir = args.log_dir or args.output_dir
-    if 'num_workers' not in given:
-        args.num_workers = min(args.num_workers, available_cpus())
+    if 'num_workers' not in given:  # the DataLoader warns about more workers than CPUs
+        args.num_workers = min(args.num_workers, max(1, available_cpus() // local_processes()))
     if 'warmup_epochs' not in given and 1 <= args.epochs < args.warmup_epochs:
         log(f'warning: the default --warmup_epochs {args.warmup_epochs} exceeds --epochs {args.epochs}: warming up '
             f'for all {args.epochs} instead; pass --warmup_epochs to choose')

@@ -155,12 +155,18 @@ def check_patch_grid(teacher, patch_size, grid_size):
             f'pick a student --model/--input_size with the same grid')
 
 
-def _model_urls():
-    """OpenAI's published checkpoints by name; the URL's second-to-last component is the file's SHA-256."""
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')  # openai-clip imports the deprecated pkg_resources
-        import clip
-    return dict(clip.clip._MODELS)
+# OpenAI's published CLIP ViT checkpoints, as in the openai-clip package (a test compares the two), so
+# that the runtime does not need that package. The URL's second-to-last component is the file's SHA-256.
+_OPENAI = 'https://openaipublic.azureedge.net/clip/models'
+CLIP_MODEL_URLS = {
+    'ViT-B/32': f'{_OPENAI}/40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt',
+    'ViT-B/16': f'{_OPENAI}/5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt',
+    'ViT-L/14': f'{_OPENAI}/b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt',
+    'ViT-L/14@336px':
+        f'{_OPENAI}/3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt',
+}
+# OpenAI's ResNet CLIPs: named only to tell their users that the teacher must be a ViT.
+CLIP_RESNETS = ('RN50', 'RN101', 'RN50x4', 'RN50x16', 'RN50x64')
 
 
 def _sha256(path):
@@ -176,7 +182,7 @@ DOWNLOAD_TIMEOUT_S = 60  # a stalled connection fails instead of hanging the run
 
 def download_clip(name, cache_dir):
     """Fetch OpenAI's checkpoint `name` into cache_dir once, verified against its published SHA-256."""
-    url = _model_urls()[name]
+    url = CLIP_MODEL_URLS[name]
     expected = url.split('/')[-2]
     os.makedirs(cache_dir, exist_ok=True)
     target = os.path.join(cache_dir, os.path.basename(url))
@@ -283,14 +289,12 @@ def load_clip_teacher(name_or_path, cache_dir, average_targets=1):
     """A frozen fp32 teacher on CPU from an OpenAI model name (downloaded into cache_dir) or a local file."""
     path = name_or_path
     if not os.path.exists(path):
-        urls = _model_urls()
-        if name_or_path not in urls:
-            vits = ', '.join(n for n in urls if n.startswith('ViT'))
-            raise UserError(f'CLIP teacher {name_or_path!r} is neither an existing file nor a CLIP model name; '
-                            f'pass a checkpoint path or one of: {vits}')
-        if not name_or_path.startswith('ViT'):
+        if name_or_path in CLIP_RESNETS:
             raise UserError(f'CLIP model {name_or_path} is a ResNet; only ViT CLIP models are supported, '
                             f'pass e.g. ViT-B/16')
+        if name_or_path not in CLIP_MODEL_URLS:
+            raise UserError(f'CLIP teacher {name_or_path!r} is neither an existing file nor a CLIP model name; '
+                            f'pass a checkpoint path or one of: {", ".join(CLIP_MODEL_URLS)}')
         path = download_clip(name_or_path, cache_dir)
     if not os.path.isfile(path):
         raise UserError(f'CLIP teacher {path} is not a file; pass a checkpoint file or a CLIP model name')

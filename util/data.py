@@ -15,7 +15,7 @@ from torchvision import datasets, transforms
 from torchvision.transforms import InterpolationMode
 
 from util.distributed import all_reduce_sum, rank, union_of_sets, world_size
-from util.errors import UserError
+from util.errors import LocalError, UserError
 from util.preemption import ignore_stop_signals
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -29,7 +29,7 @@ READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 def unreadable(path, error):
-    return UserError(f'cannot read image {path} ({error}); delete or replace the file')
+    return LocalError(f'cannot read image {path} ({error}); delete or replace the file')
 
 
 def load_rgb(path):
@@ -115,8 +115,8 @@ class TrainSet(Dataset):
                 return image, label, bad
             except UserError:
                 bad.append(self.folder.samples[i][0])
-        raise UserError(f'{len(bad)} consecutive unreadable images from {bad[0]}; is {self.folder.root} a '
-                        f'readable image folder?')
+        raise LocalError(f'{len(bad)} consecutive unreadable images from {bad[0]}; is {self.folder.root} a '
+                         f'readable image folder?')
 
 
 def collate_train(batch):
@@ -150,9 +150,8 @@ class TrainSampler(Sampler):
 
 
 def init_worker(worker_id):
-    """Each DataLoader worker: one thread (workers are parallel already, and more threads per worker only
-    oversubscribe the cores the training process needs), and deaf to the stop signals (util.preemption)."""
-    torch.set_num_threads(1)
+    """Each DataLoader worker is deaf to the stop signals (util.preemption). It already runs one torch thread
+    (the DataLoader sees to that); the training process's threads are set in util.runtime.start."""
     ignore_stop_signals()
 
 

@@ -15,7 +15,7 @@ from torch.utils.data import default_collate
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import RandomResizedCrop
 
-from util.errors import UserError
+from util.errors import LocalError
 from util.data import PRETRAIN_SCALE, READ_ERRORS, TrainSet, unreadable
 
 
@@ -80,7 +80,7 @@ def decode_on_device(encoded, device, size):
     images, bad = _decode(encoded, device)
     readable = [im for im in images if im is not None]
     if not readable:
-        raise UserError(f'no image of a batch could be decoded, e.g. {encoded.paths[0]}; check the dataset')
+        raise LocalError(f'no image of a batch could be decoded, e.g. {encoded.paths[0]}; check the dataset')
     out = []
     for k, (image, (top, left, h, w, flip)) in enumerate(zip(images, encoded.crops.tolist())):
         if image is None:

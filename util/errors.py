@@ -3,7 +3,12 @@ from the command-line code so that every module can raise it without importing a
 
 
 class UserError(Exception):
-    """A problem the user can fix (bad path, bad flag, bad file); printed as one line, no traceback."""
+    """A problem the user can fix (bad path, bad flag, bad file); printed as one line, no traceback. Every
+    process of a run meets it alike (flags, files, collective checks), so rank 0 alone prints it."""
+
+
+class LocalError(UserError):
+    """A UserError that one process meets alone, in the data it was handed; printed by that process."""
 
 
 def check(condition, message):

@@ -1,11 +1,18 @@
 """Stop signals: SIGTERM and SIGUSR1 (what SLURM and most schedulers send before killing a job), SIGUSR2
-(submitit's time-limit signal) and SIGINT (Ctrl-C) ask the run to stop at its next check with a checkpoint,
-instead of dying mid-step. A second Ctrl-C quits at once, without saving. DataLoader workers ignore them all:
-the main process alone decides when to stop, and a worker killed by the terminal's or the scheduler's signal
-to the whole process group would take the run down before it could save."""
-import signal
+(submitit's time-limit signal) and SIGINT (Ctrl-C) ask a training run to stop at its next check with a
+checkpoint, instead of dying mid-step. After that, Ctrl-C quits at once, without saving.
 
-from util.logger import log
+DataLoader workers ignore them all: the training process alone decides when to stop, and a worker killed by
+the terminal's or the scheduler's signal to the whole process group would take the run down before it could
+save. Ignoring SIGTERM also defeats the DataLoader's last resort for a stuck worker (it terminates it and
+Python's exit then waits for it), so workers still alive when the training process exits are killed."""
+import atexit
+import multiprocessing
+import os
+import signal
+import time
+
+from util.distributed import is_main
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
 
@@ -15,26 +22,40 @@ class StopRequest:
 
     def __init__(self):
         self.signal = None
+        self._previous = None
 
     @property
     def requested(self):
         return self.signal is not None
 
     def install(self):
+        """Handle the stop signals from now on, forgetting any earlier request (a new run in this process)."""
+        self.signal = None
+        if self._previous is None:
+            self._previous = {sig: signal.getsignal(sig) for sig in SIGNALS}
         for sig in SIGNALS:
             signal.signal(sig, self._handle)
         return self
 
+    def uninstall(self):
+        """Give the signals back to their earlier handlers (tests and notebooks run several runs in a process)."""
+        if self._previous is not None:
+            for sig, handler in self._previous.items():
+                signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+            self._previous = None
+
     def _handle(self, signum, frame):
-        if signum == signal.SIGINT and self.signal == signal.SIGINT:
-            raise KeyboardInterrupt  # Ctrl-C twice: the user does not want to wait for the checkpoint
+        if signum == signal.SIGINT and self.signal is not None:
+            raise KeyboardInterrupt  # Ctrl-C after a stop request: the user does not want to wait for the save
         if self.signal is None:
-            again = '; press Ctrl-C again to quit without saving' if signum == signal.SIGINT else ''
-            log(f'received {signal.Signals(signum).name}: saving a checkpoint at the next check, then exiting{again}')
             self.signal = signum
+            if is_main():  # os.write: print() here could re-enter a write the signal interrupted
+                again = '; press Ctrl-C again to quit without saving' if signum == signal.SIGINT else ''
+                os.write(1, f'{time.strftime("%H:%M:%S")} received {signal.Signals(signum).name}: saving a '
+                            f'checkpoint at the next check, then exiting{again}\n'.encode())
 
 
-# One per process: installed before anything is built (util.cli.run), read by every epoch.
+# One per process: installed when a training run starts (util.runtime.start), read by every epoch.
 STOP = StopRequest()
 
 
@@ -42,3 +63,14 @@ def ignore_stop_signals():
     """For DataLoader workers (worker_init_fn)."""
     for sig in SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+def _kill_remaining_children():
+    """At exit: the DataLoader has shut down the workers it could; kill those it could not (stuck), which
+    ignore the SIGTERM that multiprocessing's own exit handler would send before waiting for them forever."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
+atexit.register(_kill_remaining_children)  # after multiprocessing's own handler, so it runs before it

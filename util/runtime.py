@@ -13,10 +13,14 @@ from util.demo_data import ensure_demo_dataset
 from util.distributed import init_distributed, local_processes, world_size
 from util.logger import RunLogger, log
 from util.precision import grad_scaler, resolve_precision
+from util.preemption import STOP
 
 
 def start(args):
-    """Initialise the process group and everything global; returns the device."""
+    """Initialise the process group and everything global; returns the device. A training run handles the stop
+    signals from here on, so a stop during start-up ends it with a line rather than silently."""
+    if not getattr(args, 'eval', False):
+        STOP.install()
     device = init_distributed(args)
     args.precision = resolve_precision(args.precision, device)
     if device.type == 'cpu' and 'OMP_NUM_THREADS' not in os.environ:

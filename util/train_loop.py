@@ -112,9 +112,9 @@ def train_epochs(args, loader, start, run_epoch, after_epoch, save):
     and logs; save(epoch, resume_iter) checkpoints (resume_iter > 0: mid-epoch). On a stop signal the run
     saves where it stopped and returns False; rerunning the same command continues from there.
     """
-    stop = STOP.install()  # already installed by util.cli.run; again for callers that bypass it
+    stop = STOP
     if all_reduce_sum(int(stop.requested)):
-        log('stopped before training started; nothing new to save; run the same command again to start')
+        log('stopped before training started, nothing new to save; run the same command again to go on')
         return False
     start_epoch, start_iter = start
     for epoch in range(start_epoch, args.epochs):
