@@ -14,13 +14,15 @@ import main_pretrain
 import visualize
 from conftest import launch, pretrain_argv
 from tools import checkpoint_tools
-from util import cli, runtime
+from util import cli, runtime, slurm
 from util.data import eval_loader, init_worker, train_loader
 from util.errors import LocalError, UserError
 from util.preemption import STOP
 
 PARSERS = {'main_pretrain': main_pretrain.get_args_parser, 'main_finetune': main_finetune.get_args_parser,
-           'main_linprobe': main_linprobe.get_args_parser, 'visualize': visualize.get_args_parser}
+           'main_linprobe': main_linprobe.get_args_parser, 'visualize': visualize.get_args_parser,
+           'submitit_pretrain': lambda: slurm.add_slurm_args(main_pretrain.get_args_parser()),
+           'checkpoint_tools': checkpoint_tools.get_args_parser}
 
 
 def actions(parser):
@@ -32,9 +34,9 @@ def actions(parser):
             yield action
 
 
-@pytest.mark.parametrize('name', [*PARSERS, 'checkpoint_tools'])
+@pytest.mark.parametrize('name', PARSERS)
 def test_every_flag_has_help_and_help_shows_defaults(name):
-    parser = PARSERS[name]() if name in PARSERS else checkpoint_tools.get_args_parser()
+    parser = PARSERS[name]()
     undocumented = [a.dest for a in actions(parser) if not (a.help or '').strip()]
     assert not undocumented, undocumented
     text = ' '.join(parser.format_help().split())
@@ -132,6 +134,7 @@ def test_other_ranks_print_only_what_they_met_alone(monkeypatch, capsys, error, 
     """Rank 0 prints what every process meets alike; an error in one process's own data is printed there."""
     monkeypatch.setattr(cli, 'launch_rank', lambda: 1)
     monkeypatch.setattr(cli, 'world_size', lambda: 2)
+    monkeypatch.setattr(cli, 'SILENT_EXIT_DELAY_S', 0)
 
     def main(args):
         raise error

@@ -200,3 +200,26 @@ def test_one_line_of_a_worker_reraised_error():
                         'last):\n  File "x.py", line 1\nutil.errors.UserError: cannot read image /d/a.JPEG (bad)')
     assert one_line(wrapped) == 'cannot read image /d/a.JPEG (bad)'
     assert one_line(UserError('plain message')) == 'plain message'
+
+
+@pytest.mark.parametrize('content,reason', [
+    ('truncated', 'a damaged or incomplete zip archive'),
+    (b'hello, this is a text file\n', 'not a pickle or zip archive that torch wrote'),
+    (b'', 'an empty file'),
+])
+def test_unreadable_weight_files_say_why_in_our_words(tmp_path, content, reason):
+    """No stray torch text: a truncated --finetune file's message used to end mid-sentence in miniz's, and a
+    text file given as --clip_model added "(KeyError: 101)"."""
+    from util.clip_teacher import load_clip_teacher
+    from util.pretrained import read_checkpoint
+    path = tmp_path / 'weights.pth'
+    if content == 'truncated':
+        torch.save({'model': {'w': torch.ones(10000)}}, path)
+        content = path.read_bytes()[:5000]
+    path.write_bytes(content)
+    for read in (read_checkpoint, lambda p: load_clip_teacher(p, str(tmp_path))):
+        with pytest.raises(UserError) as error:
+            read(str(path))
+        message = str(error.value)
+        assert f'cannot read {path} as a ' in message and f'({reason}); it may be truncated' in message
+        assert 'Error' not in message and 'miniz' not in message

@@ -11,6 +11,7 @@ from util import rng
 from util.errors import UserError
 from util.distributed import is_main
 from util.logger import log
+from util.pretrained import load_failure
 
 LAST = 'checkpoint-last.pth'
 
@@ -64,7 +65,7 @@ def load_checkpoint(path, kind):
         if 'Namespace' in str(e):
             raise UserError(f'{path} is a released MAE/MILAN checkpoint, not a training state to resume: pass it '
                             f'to --finetune, or convert it with tools/checkpoint_tools.py import-mae') from None
-        raise UserError(f'cannot read checkpoint {path} ({type(e).__name__}); it is truncated or not a '
+        raise UserError(f'cannot read checkpoint {path} ({load_failure(e, path)}); it is truncated or not a '
                         f'checkpoint of this repository: point --resume at another file') from None
     if not isinstance(ckpt, dict) or ckpt.get('kind') != kind:
         found = ckpt.get('kind') if isinstance(ckpt, dict) else type(ckpt).__name__

@@ -5,6 +5,7 @@ import signal
 import sys
 import tempfile
 import textwrap
+import time
 
 from util.distributed import launch_rank, local_processes, world_size
 from util.errors import LocalError, UserError, check, one_line
@@ -36,6 +37,9 @@ def make_parser(prog, description, demo_defaults=None):
                                    allow_abbrev=False)
 
 
+SILENT_EXIT_DELAY_S = 3
+
+
 def run(main, args):
     """Run an entry point and return its result, ending the process the way a user can read:
     - a UserError: `error: ...` on stderr and exit code 2, printed once per run: by rank 0 (every process meets
@@ -51,6 +55,8 @@ def run(main, args):
         if launch_rank() == 0 or local:
             rank = f'[rank {launch_rank()}] ' if local and world_size() > 1 else ''
             print(f'error: {rank}{one_line(e)}', file=sys.stderr, flush=True)
+        else:  # the launcher stops every process when one exits: let rank 0 print first
+            time.sleep(SILENT_EXIT_DELAY_S)
         sys.exit(2)
     except KeyboardInterrupt:
         if launch_rank() == 0:

@@ -234,7 +234,7 @@ def _read_state_dict(path):
                 return torch.jit.load(path, map_location='cpu').state_dict()
         obj = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        raise UserError(f'cannot read {path} as a PyTorch checkpoint ({load_failure(e)}); it may be truncated or '
+        raise UserError(f'cannot read {path} as a PyTorch checkpoint ({load_failure(e, path)}); it may be truncated or '
                         f'not a PyTorch file at all (e.g. an HTML page saved by a failed download): pass OpenAI\'s '
                         f'CLIP .pt file or a CLIP state-dict file') from None
     if isinstance(obj, dict) and isinstance(obj.get('state_dict'), dict):

@@ -23,8 +23,8 @@ def read_checkpoint(path):
         with torch.serialization.safe_globals([argparse.Namespace]):
             ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        raise UserError(f'cannot read {path} as a checkpoint ({load_failure(e)}); it may be truncated or not a '
-                        f'PyTorch file at all (e.g. an HTML page saved by a failed download)') from None
+        raise UserError(f'cannot read {path} as a checkpoint ({load_failure(e, path)}); it may be truncated or not '
+                        f'a PyTorch file at all (e.g. an HTML page saved by a failed download)') from None
     if not isinstance(ckpt, dict):
         raise UserError(f'{path} holds a {type(ckpt).__name__}, not a checkpoint dict')
     return ckpt
@@ -40,16 +40,20 @@ def strip_prefixes(state):
     return clean
 
 
-def load_failure(error):
-    """Why torch.load failed, in a few words of our own. torch's texts run long, and the weights-only
-    unpickler's suggests an unsafe retry with weights_only=False, which must never reach a user; what it
-    refused comes after its marker."""
+def load_failure(error, path):
+    """Why torch.load failed on `path`, in a few words of our own. torch's texts run long or say little
+    ("Invalid argument" for a cut-off archive), and the weights-only unpickler's suggests an unsafe retry with
+    weights_only=False, which must never reach a user; what it refused comes after its marker."""
     text = str(error)
     if 'WeightsUnpickler error:' in text:
         refused = text.split('WeightsUnpickler error:', 1)[1].strip().split('. ')[0].splitlines()[0]
         return f'it holds objects the safe loader refuses: {refused[:150]}'
-    if 'central directory' in text or 'PytorchStreamReader' in text:
-        return 'an incomplete zip archive'
+    with open(path, 'rb') as f:
+        head = f.read(4)
+    if not head:
+        return 'an empty file'
+    if head == b'PK\x03\x04':  # torch's zip format
+        return 'a damaged or incomplete zip archive'
     if isinstance(error, EOFError):
         return 'the file ends early'
     return 'not a pickle or zip archive that torch wrote'
