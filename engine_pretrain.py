@@ -1,14 +1,8 @@
 """One epoch of MILAN pretraining."""
-from util.data import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, renormalize, to_device_normalized
-from util.device_decode import EncodedImages, decode_on_device
+from models_milan import teacher_view
+from util.data import EncodedImages, to_device_normalized
+from util.device_decode import decode_on_device
 from util.train_loop import train_epoch
-
-
-def teacher_view(images, teacher_input_norm):
-    """The teacher sees the student's batch; by default with ImageNet normalisation, as released."""
-    if teacher_input_norm == 'clip':
-        return renormalize(images, IMAGENET_MEAN, IMAGENET_STD, CLIP_MEAN, CLIP_STD)
-    return images
 
 
 def pretrain_loss(model, teacher, images, args, device):

@@ -6,9 +6,10 @@ from timm.layers import trunc_normal_
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 
+import main_classification as classification
 import models_vit
-from util import classification, cli
-from util.classification import add_classification_args, run
+from main_classification import add_classification_args, run
+from util import cli
 from util.errors import check
 from util.data import finetune_transform
 from util.lr_decay import param_groups_layer_decay

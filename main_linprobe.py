@@ -4,9 +4,10 @@ trained with LARS. Without --data_path it probes the demo pretraining checkpoint
 import torch
 from timm.layers import trunc_normal_
 
+import main_classification as classification
 import models_vit
-from util import classification, cli
-from util.classification import add_classification_args, run
+from main_classification import add_classification_args, run
+from util import cli
 from util.data import linprobe_transform
 from util.lars import LARS
 from util.pretrained import load_pretrained

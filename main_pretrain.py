@@ -11,15 +11,16 @@ import visualize
 from engine_pretrain import train_one_epoch
 from util import cli, runtime
 from util.checkpoint import find_resume, resume_training, save_training
-from util.clip_teacher import build_random_teacher, check_patch_grid, load_clip_teacher
+from util.clip_teacher import build_teacher
 from util.data import BadImages, image_folder, pretrain_transform, train_loader
 from util.distributed import cleanup
 from util.errors import UserError, check
 from util.logger import log
 from util.optim import adamw, param_groups_weight_decay
-from util.train_loop import train_epochs
+from util.train_loop import logged, train_epochs
 
 KIND = 'pretrain'
+METHOD = models_milan.FLAG_DEFAULTS
 # A resumed run must build the same model as the checkpoint's and train it by the same method.
 RESUME_FLAGS = ('model', 'input_size', 'use_clip', 'change_decoder', 'mask_ratio', 'attn_mask')
 TEACHER_FLAGS = ('clip_model', 'average_targets', 'teacher_input_norm')  # what defines the CLIP target
@@ -36,25 +37,26 @@ def get_args_parser():
     cli.add_common_args(parser)
     parser.set_defaults(batch_size=256, blr=1.5e-4, output_dir='./output_dir')
     g = parser.add_argument_group('MILAN')
-    g.add_argument('--model', default='mae_vit_base_patch16', choices=sorted(models_milan.MODELS),
+    g.add_argument('--model', default=METHOD['model'], choices=sorted(models_milan.MODELS),
                    help='student size (mae_vit_tiny_patch8 is the demo\'s)')
-    g.add_argument('--mask_ratio', type=float, default=0.75, help='fraction of patches hidden from the encoder')
+    g.add_argument('--mask_ratio', type=float, default=METHOD['mask_ratio'],
+                   help='fraction of patches hidden from the encoder')
     cli.bool_flag(g, 'use_clip', 'predict the CLIP teacher\'s per-token features instead of pixels')
     cli.bool_flag(g, 'change_decoder', 'use the prompting decoder instead of the MAE decoder')
     cli.bool_flag(g, 'attn_mask', 'semantic-aware masking guided by the teacher\'s class-token attention')
     cli.bool_flag(g, 'norm_pix_loss', 'pixel target: normalise each patch by its mean and variance')
     cli.bool_flag(g, 'gpu_decode', 'decode and augment JPEGs on the training device (nvJPEG on GPUs); workers '
                                    'only read files')
-    g.add_argument('--clip_model', default='ViT-B/16',
+    g.add_argument('--clip_model', default=METHOD['clip_model'],
                    help='CLIP teacher: an OpenAI model name (downloaded once into --clip_cache), a TorchScript '
                         '.pt or a state-dict file; "random" is a random tiny teacher for smoke tests only')
     g.add_argument('--clip_cache', default=cli.cache_dir('clip'), help='where named CLIP models are downloaded')
-    g.add_argument('--average_targets', type=int, default=1,
+    g.add_argument('--average_targets', type=int, default=METHOD['average_targets'],
                    help='average the teacher outputs of the last K blocks as the target')
     g.add_argument('--vis_every', type=int, default=20,
                    help='every N epochs, visualize.py\'s panels for a few fixed images go to TensorBoard (0: off)')
     g.add_argument('--vis_images', type=int, default=4, help='how many images those panels show')
-    g.add_argument('--teacher_input_norm', default='imagenet', choices=['imagenet', 'clip'],
+    g.add_argument('--teacher_input_norm', default=METHOD['teacher_input_norm'], choices=['imagenet', 'clip'],
                    help='normalisation of the teacher\'s input (the released code used ImageNet\'s)')
     return parser
 
@@ -73,26 +75,9 @@ def validate_args(args):
     check(args.average_targets >= 1, f'--average_targets must be at least 1, got {args.average_targets}')
 
 
-def build_teacher(args, patch_size, grid_size):
-    """The frozen CLIP teacher (on the CPU), or None for the pixel target."""
-    if not args.use_clip:
-        return None
-    if args.clip_model == 'random':
-        log('WARNING: the CLIP teacher has RANDOM weights: its targets carry no meaning. This is the demo/'
-            'smoke-test setting; pass --clip_model ViT-B/16 (or a weight file) for real pretraining.')
-        teacher = build_random_teacher(patch_size, grid_size, average_targets=args.average_targets)
-    else:
-        teacher = load_clip_teacher(args.clip_model, args.clip_cache, args.average_targets)
-    check_patch_grid(teacher, patch_size, grid_size)
-    return teacher
-
-
 def build_model(args, teacher):
     """The student (on the CPU) for these flags; its prediction width is the teacher's feature width."""
-    model = models_milan.create_model(
-        args.model, img_size=args.input_size, target='clip' if args.use_clip else 'pixel',
-        target_dim=teacher.output_dim if teacher is not None else 512,
-        prompting_decoder=args.change_decoder, norm_pix_loss=args.norm_pix_loss)
+    model = models_milan.create_from_flags(vars(args), teacher.output_dim if teacher is not None else 512)
     check(model.num_visible(args.mask_ratio) >= 1,
           f'--mask_ratio {args.mask_ratio} leaves no visible patch out of {model.num_patches}')
     return model
@@ -156,7 +141,7 @@ def main(args):
                                start_iter=start_iter, stop=stop, bad_images=bad_images, save=save)
 
     def after_epoch(epoch, stats):
-        logger.epoch({'epoch': epoch, **{f'train_{k}': v for k, v in stats.items() if k != 'stopped'}})
+        logger.epoch({'epoch': epoch, **logged(stats)})
         log(f'epoch {epoch} done: loss {stats["loss"]:.4f}, {stats["images_per_sec"]:.1f} img/s')
         last = epoch + 1 == args.epochs
         if vis_images is not None and args.vis_every and ((epoch + 1) % args.vis_every == 0 or last):

@@ -8,9 +8,18 @@ import torch.nn.functional as F
 from timm.layers import Mlp
 from timm.models.vision_transformer import Block, PatchEmbed
 
+from util.data import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, renormalize
 from util.pos_embed import sincos_2d
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
+
+
+def teacher_view(images, teacher_input_norm):
+    """The teacher sees the student's (ImageNet-normalised) batch: as released by default, or with CLIP's own
+    statistics ('clip')."""
+    if teacher_input_norm == 'clip':
+        return renormalize(images, IMAGENET_MEAN, IMAGENET_STD, CLIP_MEAN, CLIP_STD)
+    return images
 
 
 def masking_order(batch, num_patches, device, importance=None):
@@ -278,3 +287,19 @@ MODELS = {
 def create_model(name, **kwargs):
     """A MilanViT of the named size; kwargs set the input size, target and decoder type."""
     return MilanViT(**MODELS[name], **kwargs)
+
+
+# The flags that define a pretraining run's method, with their defaults (main_pretrain's, and what a checkpoint
+# that lacks one of them was trained with).
+FLAG_DEFAULTS = dict(model='mae_vit_base_patch16', input_size=224, mask_ratio=0.75, use_clip=False,
+                     change_decoder=False, attn_mask=False, norm_pix_loss=False, clip_model='ViT-B/16',
+                     average_targets=1, teacher_input_norm='imagenet')
+
+
+def create_from_flags(flags, target_dim=512):
+    """The MilanViT that a run's flags (a dict such as a checkpoint's 'args') describe; `target_dim` is the
+    teacher's feature width (the CLIP target)."""
+    flags = {**FLAG_DEFAULTS, **flags}
+    return create_model(flags['model'], img_size=flags['input_size'], target='clip' if flags['use_clip'] else 'pixel',
+                        target_dim=target_dim, prompting_decoder=flags['change_decoder'],
+                        norm_pix_loss=flags['norm_pix_loss'])

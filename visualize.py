@@ -23,11 +23,11 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torchvision import transforms
 
-import main_pretrain
 import models_milan
-from engine_pretrain import teacher_view
+from models_milan import teacher_view
 from util import cli
 from util.checkpoint import load_model_state
+from util.clip_teacher import build_teacher
 from util.data import eval_geometry, load_rgb, to_device_normalized
 from util.demo_data import ensure_demo_dataset
 from util.errors import UserError, check
@@ -57,13 +57,9 @@ def load_pretrain_checkpoint(path, clip_model=None, clip_cache=None):
         raise UserError(f'{path} is not a pretraining checkpoint of this repository (kind {ckpt.get("kind")!r}); '
                         f'convert a released MAE/MILAN file with `python -m tools.checkpoint_tools import-mae`')
     state = model_state(ckpt, path)
-    defaults = vars(main_pretrain.get_args_parser().parse_args([]))
-    args = {**defaults, **ckpt.get('args', {})}
+    args = {**models_milan.FLAG_DEFAULTS, **ckpt.get('args', {})}
     use_clip = bool(args['use_clip'])
-    model = models_milan.create_model(
-        args['model'], img_size=args['input_size'], target='clip' if use_clip else 'pixel',
-        target_dim=state['decoder_pred.weight'].shape[0], prompting_decoder=args['change_decoder'],
-        norm_pix_loss=args['norm_pix_loss'])
+    model = models_milan.create_from_flags(args, state['decoder_pred.weight'].shape[0])
     load_model_state(model, state, path)
     model.eval()
 
@@ -71,7 +67,7 @@ def load_pretrain_checkpoint(path, clip_model=None, clip_cache=None):
                                       clip_model=clip_model or args['clip_model'],
                                       clip_cache=clip_cache or cli.cache_dir('clip'),
                                       average_targets=args['average_targets'])
-    teacher = main_pretrain.build_teacher(teacher_args, model.patch_size, model.grid_size)
+    teacher = build_teacher(teacher_args, model.patch_size, model.grid_size)
     if use_clip and teacher.output_dim != model.decoder_pred.out_features:
         raise UserError(f'the teacher {teacher_args.clip_model} gives {teacher.output_dim}-d targets but {path} '
                         f'predicts {model.decoder_pred.out_features}-d ones; pass the --clip_model it was trained with')

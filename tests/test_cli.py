@@ -162,3 +162,9 @@ def test_stop_handlers_are_per_run(tmp_path):
                           ['--eval', '--resume', __file__, '--output_dir', str(tmp_path)])
     runtime.start(args)
     assert signal.getsignal(signal.SIGINT) == before
+
+
+def test_pin_mem_switches_both_ways():
+    parse = main_pretrain.get_args_parser().parse_args
+    assert parse([]).pin_mem and parse(['--pin_mem']).pin_mem
+    assert not parse(['--no-pin_mem']).pin_mem and not parse(['--no_pin_mem']).pin_mem

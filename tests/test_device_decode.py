@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from conftest import pretrain_argv
-from util.data import TrainSet, image_folder, pretrain_transform
-from util.device_decode import EncodedTrainSet, collate_encoded, decode_on_device
+from util.data import EncodedTrainSet, TrainSet, collate_encoded, image_folder, pretrain_transform
+from util.device_decode import decode_on_device
 
 SIZE = 48
 

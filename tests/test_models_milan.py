@@ -279,3 +279,15 @@ def test_cls_attention_is_the_last_blocks_class_row():
         hook.remove()
     assert ours.shape == (3, 16)
     torch.testing.assert_close(ours, seen[0].mean(1)[:, 0, 1:])
+
+
+def test_method_flag_defaults_are_main_pretrains_and_build_the_model():
+    """One table of the method's defaults: main_pretrain's parser, and what visualize.py and the checkpoint
+    tools assume for a checkpoint that lacks a flag."""
+    import main_pretrain
+    parsed = vars(main_pretrain.get_args_parser().parse_args([]))
+    assert {k: parsed[k] for k in models_milan.FLAG_DEFAULTS} == models_milan.FLAG_DEFAULTS
+    model = models_milan.create_from_flags({'model': 'mae_vit_tiny_patch8', 'input_size': 32, 'use_clip': True,
+                                            'change_decoder': True}, target_dim=64)
+    assert model.prompting_decoder and model.target == 'clip' and model.decoder_pred.out_features == 64
+    assert models_milan.create_from_flags({'model': 'mae_vit_tiny_patch8', 'input_size': 32}).target == 'pixel'

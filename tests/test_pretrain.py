@@ -38,10 +38,13 @@ def test_demo_defaults_need_no_dataset(tmp_path, capsys):
     assert [image.step for image in tb.Images('panels')] == [0]  # the last epoch's visualisation panels
     stats = [json.loads(line) for line in open(out / 'log.txt')]
     assert [s['epoch'] for s in stats] == [0] and stats[0]['train_loss'] > 0
+    assert set(stats[0]) == {'epoch', 'train_loss', 'train_lr', 'train_images_per_sec'}  # no loop bookkeeping
     ckpt = torch.load(out / 'checkpoint-last.pth', weights_only=True)
     assert ckpt['kind'] == 'pretrain' and ckpt['args']['model'] == 'mae_vit_tiny_patch8'
     assert not any(k.startswith(('teacher', 'clip')) for k in ckpt['model'])
-    assert json.load(open(out / 'config.json'))['mask_ratio'] == 0.75
+    config = json.load(open(out / 'config.json'))
+    assert config['mask_ratio'] == 0.75 and config['software']['torch'] == torch.__version__
+    assert config['software']['git_commit'] is None or len(config['software']['git_commit']) >= 40
 
 
 @pytest.mark.parametrize('flags', [

@@ -21,11 +21,10 @@ if ROOT not in sys.path:  # run as `python tools/checkpoint_tools.py`: make the 
 import torch  # noqa: E402
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
-import main_pretrain  # noqa: E402
 import models_milan  # noqa: E402
 import models_vit  # noqa: E402
 from util.checkpoint import plain_args, save_atomic  # noqa: E402
-from util.cli import make_parser, run  # noqa: E402
+from util.cli import add_common_args, make_parser, run  # noqa: E402
 from util.errors import UserError  # noqa: E402
 from util.pretrained import model_state, read_checkpoint  # noqa: E402
 
@@ -177,8 +176,8 @@ def import_mae(args):
                                         f'{"prompting" if prompting else "MAE"} decoder)')
     model.load_state_dict(state)
 
-    ours = vars(main_pretrain.get_args_parser().parse_args([]))  # our flag names
-    mapped = {k: v for k, v in released.items() if k in ours}
+    ours = set(models_milan.FLAG_DEFAULTS) | {a.dest for a in add_common_args(argparse.ArgumentParser())._actions}
+    mapped = {k: v for k, v in released.items() if k in ours}  # the flags of theirs that we share
     mapped.update(model=name, input_size=input_size, use_clip=use_clip, change_decoder=prompting,
                   imported_from=os.path.abspath(args.checkpoint))
     epoch = ckpt.get('epoch')

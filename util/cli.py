@@ -104,8 +104,9 @@ def add_common_args(parser):
     g.add_argument('--log_dir', default=None, help='TensorBoard events (default: output_dir)')
     g.add_argument('--num_workers', type=int, default=10,
                    help='data loader processes per training process (capped at the CPUs it may use unless given)')
-    g.add_argument('--pin_mem', action='store_true', default=True, help='pin CPU memory for faster GPU copies')
-    g.add_argument('--no_pin_mem', action='store_false', dest='pin_mem', help='do not pin CPU memory')
+    g.add_argument('--pin_mem', action=argparse.BooleanOptionalAction, default=True,
+                   help='pin CPU memory for faster GPU copies')
+    g.add_argument('--no_pin_mem', action='store_false', dest='pin_mem', help='MAE\'s spelling of --no-pin_mem')
     g.add_argument('--save_every', type=int, default=20, help='keep a numbered checkpoint every N epochs')
     g.add_argument('--save_every_min', type=float, default=30,
                    help='also checkpoint mid-epoch when this many minutes passed since the last save')

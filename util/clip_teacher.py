@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from util.errors import UserError
+from util.logger import log
 from util.pretrained import load_failure, strip_prefixes
 
 
@@ -300,3 +301,18 @@ def load_clip_teacher(name_or_path, cache_dir, average_targets=1):
         raise UserError(f'CLIP teacher {path} is not a file; pass a checkpoint file or a CLIP model name')
     sd = _visual_state_dict(_read_state_dict(path), path)
     return _teacher_from_state_dict(sd, path, average_targets)
+
+
+def build_teacher(flags, patch_size, grid_size):
+    """The frozen teacher that a run's flags (use_clip, clip_model, clip_cache, average_targets: a Namespace)
+    name, on the CPU, for a student cutting `grid_size`^2 patches of `patch_size`; None for the pixel target."""
+    if not flags.use_clip:
+        return None
+    if flags.clip_model == 'random':
+        log('WARNING: the CLIP teacher has RANDOM weights: its targets carry no meaning. This is the demo/'
+            'smoke-test setting; pass --clip_model ViT-B/16 (or a weight file) for real pretraining.')
+        teacher = build_random_teacher(patch_size, grid_size, average_targets=flags.average_targets)
+    else:
+        teacher = load_clip_teacher(flags.clip_model, flags.clip_cache, flags.average_targets)
+    check_patch_grid(teacher, patch_size, grid_size)
+    return teacher

@@ -4,15 +4,17 @@ Images leave the workers as uint8 tensors (4x less to copy than float) and are n
 training device by `to_device_normalized`."""
 import contextlib
 import functools
+import io
 import os
 import random
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate, get_worker_info
 from torchvision import datasets, transforms
-from torchvision.transforms import InterpolationMode
+from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
 from util.distributed import all_reduce_sum, rank, union_of_sets, world_size
 from util.errors import LocalError, UserError
@@ -119,6 +121,41 @@ class TrainSet(Dataset):
                          f'readable image folder?')
 
 
+class EncodedImages(NamedTuple):
+    data: list  # uint8 1-D tensors, the files' bytes
+    crops: torch.Tensor  # [B, 5] int64: top, left, height, width, flip
+    paths: list
+
+
+class EncodedTrainSet(TrainSet):
+    """TrainSet whose samples are (file bytes, crop and flip, path) instead of decoded images."""
+
+    def __init__(self, folder, seed, input_size):
+        super().__init__(folder, seed)
+        self.input_size = input_size
+
+    def load(self, i):
+        path, label = self.folder.samples[i]
+        try:
+            with open(path, 'rb') as f:
+                data = f.read()
+            with Image.open(io.BytesIO(data)) as header:  # reads the size only
+                top, left, h, w = RandomResizedCrop.get_params(header, list(PRETRAIN_SCALE), [3 / 4, 4 / 3])
+        except READ_ERRORS as e:
+            raise unreadable(path, e) from None
+        flip = int(torch.rand(1) < 0.5)  # the same draw RandomHorizontalFlip makes, after the crop's
+        return (torch.frombuffer(bytearray(data), dtype=torch.uint8), torch.tensor([top, left, h, w, flip]),
+                path), label
+
+
+def collate_encoded(batch):
+    """(EncodedImages, labels, unreadable paths), like collate_train."""
+    samples, labels, bad = zip(*batch)
+    data, crops, paths = zip(*samples)
+    return (EncodedImages(list(data), torch.stack(crops), list(paths)), default_collate(labels),
+            [path for paths_ in bad for path in paths_])
+
+
 def collate_train(batch):
     """(images, labels, paths of the unreadable images skipped for this batch)."""
     images, labels, bad = zip(*batch)
@@ -160,7 +197,6 @@ def train_loader(folder, batch_size, num_workers, pin_memory, seed, input_size=N
     generator keeps it from drawing on the global RNG, which the training step's masking uses. With
     `input_size`, workers only read the files and draw the pretraining crops: the batch is decoded and
     augmented on the training device (util.device_decode)."""
-    from util.device_decode import EncodedTrainSet, collate_encoded
     sampler = TrainSampler(len(folder), batch_size, seed)
     if sampler.batches_per_epoch < 1:
         raise UserError(f'the dataset has {len(folder)} images, fewer than one batch of {batch_size} per '

@@ -1,57 +1,19 @@
-"""Pretraining input decoded on the training device (`--gpu_decode`): workers only read the JPEG bytes and
-draw each image's crop and flip, so a handful of CPU cores can feed a fast GPU; the batch is decoded with
-nvJPEG (`torchvision.io.decode_jpeg(..., device='cuda')`) and cropped, resized (bicubic, antialiased) and
-flipped there. The crops and flips are drawn exactly as the CPU pipeline draws them (same seeds, same
-order), so only the resampling kernel differs. On the CPU the same code runs with CPU decoding, which is
-what the tests exercise."""
+"""Pretraining input decoded on the training device (`--gpu_decode`): workers only read the JPEG bytes and draw
+each image's crop and flip (util.data.EncodedTrainSet), so a handful of CPU cores can feed a fast GPU; here
+the batch is decoded with nvJPEG (`torchvision.io.decode_jpeg(..., device='cuda')`) and cropped, resized
+(bicubic, antialiased) and flipped. The crops and flips are drawn exactly as the CPU pipeline draws them (same
+seeds, same order), so only the resampling kernel differs. On the CPU the same code runs with CPU decoding,
+which is what the tests exercise."""
 import io
-from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import default_collate
 from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.transforms import RandomResizedCrop
 
+from util.data import READ_ERRORS
 from util.errors import LocalError
-from util.data import PRETRAIN_SCALE, READ_ERRORS, TrainSet, unreadable
-
-
-class EncodedImages(NamedTuple):
-    data: list  # uint8 1-D tensors, the files' bytes
-    crops: torch.Tensor  # [B, 5] int64: top, left, height, width, flip
-    paths: list
-
-
-class EncodedTrainSet(TrainSet):
-    """TrainSet whose samples are (file bytes, crop and flip, path) instead of decoded images."""
-
-    def __init__(self, folder, seed, input_size):
-        super().__init__(folder, seed)
-        self.input_size = input_size
-
-    def load(self, i):
-        path, label = self.folder.samples[i]
-        try:
-            with open(path, 'rb') as f:
-                data = f.read()
-            with Image.open(io.BytesIO(data)) as header:  # reads the size only
-                top, left, h, w = RandomResizedCrop.get_params(header, list(PRETRAIN_SCALE), [3 / 4, 4 / 3])
-        except READ_ERRORS as e:
-            raise unreadable(path, e) from None
-        flip = int(torch.rand(1) < 0.5)  # the same draw RandomHorizontalFlip makes, after the crop's
-        return (torch.frombuffer(bytearray(data), dtype=torch.uint8), torch.tensor([top, left, h, w, flip]),
-                path), label
-
-
-def collate_encoded(batch):
-    """(EncodedImages, labels, unreadable paths), like util.data.collate_train."""
-    samples, labels, bad = zip(*batch)
-    data, crops, paths = zip(*samples)
-    return (EncodedImages(list(data), torch.stack(crops), list(paths)), default_collate(labels),
-            [path for paths_ in bad for path in paths_])
 
 
 def _decode(encoded, device):

@@ -2,9 +2,13 @@
 the learning rate from the effective batch, and DDP wrapping."""
 import inspect
 import os
+import platform
+import subprocess
 
 import numpy as np
+import timm
 import torch
+import torchvision
 from torch.nn.parallel import DistributedDataParallel
 
 from util.checkpoint import plain_args
@@ -14,6 +18,8 @@ from util.distributed import init_distributed, local_processes, world_size
 from util.logger import RunLogger, log
 from util.precision import grad_scaler, resolve_precision
 from util.preemption import STOP
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def start(args):
@@ -74,18 +80,32 @@ _NO_BUFFER_SYNC = ({'forward_sync_buffers': False}
 
 def wrap_ddp(model, device, args):
     """DDP across processes. Buffers are not re-broadcast every forward: the position tables are fixed, and
-    a probe's BatchNorm statistics are synchronised once before each evaluation (classification.run)."""
+    a probe's BatchNorm statistics are synchronised once before each evaluation (main_classification.run)."""
     if not args.distributed:
         return model
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None,
                                    **_NO_BUFFER_SYNC)
 
 
+def software():
+    """What produced a run, for config.json: the repository's git commit (with '-dirty' for uncommitted changes;
+    None outside a checkout) and the versions of the packages whose numbers it depends on."""
+    try:
+        commit = subprocess.run(['git', 'describe', '--always', '--dirty', '--abbrev=40'], cwd=ROOT, text=True,
+                                capture_output=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {'git_commit': commit, 'python': platform.python_version(), 'torch': torch.__version__,
+            'torchvision': torchvision.__version__, 'timm': timm.__version__, 'numpy': np.__version__,
+            'cuda': torch.version.cuda}
+
+
 def open_logger(args, start_epoch):
-    """Write and print the resolved configuration; say so when a resumed run has nothing left to train."""
+    """Write and print the resolved configuration (config.json also records the software); say so when a
+    resumed run has nothing left to train."""
     logger = RunLogger(args.output_dir, args.log_dir)
     config = plain_args(args)
-    logger.config(config)
+    logger.config({**config, 'software': software()})
     log('config: ' + ' '.join(f'{k}={v}' for k, v in sorted(config.items())))
     if start_epoch >= args.epochs:
         log(f'{args.output_dir} already holds a run trained for {start_epoch} epochs (--epochs {args.epochs}): '

@@ -27,7 +27,8 @@ def train_epoch(model, loader, compute_loss, optimizer, scaler, epoch, args, dev
     (stop before anything is saved), a stop request (return early, to be checkpointed), whether
     --save_every_min minutes passed since the last save (then `save(epoch, iters_done)` runs), too many
     unreadable images; and the loss is logged. An incomplete accumulation window at the end of the epoch
-    is dropped. Returns {'loss', 'lr', 'images_per_sec', 'iters_done', 'stopped'}.
+    is dropped. Returns {'loss', 'lr', 'images_per_sec'} (the epoch's statistics, `logged`), and for the
+    epoch loop 'iters_done' (iterations of the epoch done), 'stopped' (by a stop request) and 'epoch_done'.
     """
     model.train()
     accum = args.accum_iter
@@ -103,6 +104,14 @@ def train_epoch(model, loader, compute_loss, optimizer, scaler, epoch, args, dev
     return {'loss': all_reduce_mean(loss_sum).item() / max(done, 1), 'lr': lr,
             'images_per_sec': done * images_per_iter / (time.time() - epoch_start),
             'iters_done': it + 1, 'stopped': stopped, 'epoch_done': it + 1 == num_iters}
+
+
+LOGGED = ('loss', 'lr', 'images_per_sec')
+
+
+def logged(stats, prefix='train_'):
+    """The statistics of train_epoch's result that go to log.txt, named for it."""
+    return {prefix + k: stats[k] for k in LOGGED}
 
 
 def train_epochs(args, loader, start, run_epoch, after_epoch, save):

@@ -1,5 +1,6 @@
-"""What fine-tuning and linear probing share: flags, data, the epoch loop with evaluation, best and last
-checkpoints, --eval. The entry points differ only in the model, optimizer, augmentation and loss they pass."""
+"""What main_finetune.py and main_linprobe.py share (not a script of its own): flags, data, the epoch loop with
+evaluation, best and last checkpoints, --eval. The two differ only in the model, optimizer, augmentation and
+loss they pass."""
 import datetime
 import os
 import time
@@ -12,7 +13,7 @@ from util.errors import UserError, check
 from util.data import BadImages, eval_loader, eval_transform, image_folder, train_loader
 from util.distributed import broadcast_buffers, cleanup, is_main
 from util.logger import log
-from util.train_loop import train_epochs
+from util.train_loop import logged, train_epochs
 
 DEMO_PRETRAIN = './output_demo/pretrain/checkpoint-last.pth'
 # A resumed run must build the same classifier as the checkpoint's.
@@ -111,7 +112,7 @@ def run(args, kind, build_model, build_optimizer, train_transform, criterion, mi
         best = max(best, stats['acc1'])
         last.update(stats)
         logger.scalars(epoch, val_acc1=stats['acc1'], val_acc5=stats['acc5'], val_loss=stats['loss'])
-        logger.epoch({'epoch': epoch, **{f'train_{k}': v for k, v in train_stats.items() if k != 'stopped'},
+        logger.epoch({'epoch': epoch, **logged(train_stats),
                       **{f'val_{k}': v for k, v in stats.items()}})
         log(f'epoch {epoch}: val top-1 {stats["acc1"]:.2f}% top-5 {stats["acc5"]:.2f}% (best {best:.2f}%), '
             f'train loss {train_stats["loss"]:.4f}')
