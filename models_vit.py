@@ -8,14 +8,12 @@ import torch.nn as nn
 from timm.layers import DropPath as TimmDropPath
 from timm.models.vision_transformer import VisionTransformer
 
-# Same sizes as models_milan.MODELS, without the decoder.
-MODELS = {
-    'vit_tiny_patch8': dict(patch_size=8, embed_dim=192, depth=4, num_heads=3),
-    'vit_small_patch16': dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
-    'vit_base_patch16': dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
-    'vit_large_patch16': dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16),
-    'vit_huge_patch14': dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16),
-}
+from models_milan import MODELS as PRETRAIN_MODELS
+
+# The pretraining encoders' sizes (models_milan.MODELS, one table), without the decoder: mae_vit_base_patch16's
+# encoder is fine-tuned as vit_base_patch16.
+ENCODER = ('patch_size', 'embed_dim', 'depth', 'num_heads')
+MODELS = {name.removeprefix('mae_'): {k: size[k] for k in ENCODER} for name, size in PRETRAIN_MODELS.items()}
 
 
 class DropPath(nn.Module):
