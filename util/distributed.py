@@ -121,5 +121,9 @@ def broadcast_buffers(module, src=0):
 
 
 def cleanup():
+    """End the process group. The barrier first lets the backend's threads finish releasing the last
+    collectives' tensors: with gloo (torch 2.11 seen), a process group destroyed while one of its threads waits
+    for the GIL to free a Python-made tensor (all_gather_object's) deadlocks the process at exit."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
