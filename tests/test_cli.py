@@ -94,7 +94,7 @@ def test_loader_workers_run_one_thread_and_ignore_stop_signals(tiny_data):
 
 def test_cpu_training_leaves_cores_to_the_loader_workers(tmp_path, monkeypatch):
     monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
-    monkeypatch.setattr(runtime, 'available_cpus', lambda: 6)
+    monkeypatch.setattr(cli, 'available_cpus', lambda: 6)
     args = cli.parse_args(main_pretrain.get_args_parser(), main_pretrain.DEMO_DEFAULTS,
                           ['--data_path', '/data', '--output_dir', str(tmp_path), '--num_workers', '4'])
     threads = torch.get_num_threads()

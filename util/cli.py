@@ -147,7 +147,7 @@ def parse_args(parser, demo_defaults, argv=None):
     args.demo = args.data_path is None
     args.log_dir = args.log_dir or args.output_dir
     if 'num_workers' not in given:  # the DataLoader warns about more workers than CPUs
-        args.num_workers = min(args.num_workers, max(1, available_cpus() // local_processes()))
+        args.num_workers = min(args.num_workers, max(1, cpus_per_process()))
     if 'warmup_epochs' not in given and 1 <= args.epochs < args.warmup_epochs:
         log(f'warning: the default --warmup_epochs {args.warmup_epochs} exceeds --epochs {args.epochs}: warming up '
             f'for all {args.epochs} instead; pass --warmup_epochs to choose')
@@ -169,6 +169,11 @@ def available_cpus():
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS
         return os.cpu_count() or 1
+
+
+def cpus_per_process():
+    """This process's share of the CPUs, when every training process on the machine gets the same."""
+    return available_cpus() // local_processes()
 
 
 def check_output_dir(path, flag):

@@ -12,9 +12,9 @@ import torchvision
 from torch.nn.parallel import DistributedDataParallel
 
 from util.checkpoint import plain_args
-from util.cli import available_cpus
+from util.cli import cpus_per_process
 from util.demo_data import ensure_demo_dataset
-from util.distributed import init_distributed, local_processes, world_size
+from util.distributed import init_distributed, world_size
 from util.logger import RunLogger, log
 from util.precision import grad_scaler, resolve_precision
 from util.preemption import STOP
@@ -31,7 +31,7 @@ def start(args):
     args.precision = resolve_precision(args.precision, device)
     if device.type == 'cpu' and 'OMP_NUM_THREADS' not in os.environ:
         # Training threads and loader workers share the cores: all of them for each would oversubscribe.
-        torch.set_num_threads(max(1, available_cpus() // local_processes() - args.num_workers))
+        torch.set_num_threads(max(1, cpus_per_process() - args.num_workers))
     torch.manual_seed(args.seed + args.rank)
     np.random.seed(args.seed + args.rank)
     if args.output_dir:

@@ -109,9 +109,9 @@ def train_epoch(model, loader, compute_loss, optimizer, scaler, epoch, args, dev
 LOGGED = ('loss', 'lr', 'images_per_sec')
 
 
-def logged(stats, prefix='train_'):
+def logged(stats):
     """The statistics of train_epoch's result that go to log.txt, named for it."""
-    return {prefix + k: stats[k] for k in LOGGED}
+    return {f'train_{k}': stats[k] for k in LOGGED}
 
 
 def train_epochs(args, loader, start, run_epoch, after_epoch, save):
@@ -121,14 +121,13 @@ def train_epochs(args, loader, start, run_epoch, after_epoch, save):
     and logs; save(epoch, resume_iter) checkpoints (resume_iter > 0: mid-epoch). On a stop signal the run
     saves where it stopped and returns False; rerunning the same command continues from there.
     """
-    stop = STOP
-    if all_reduce_sum(int(stop.requested)):
+    if all_reduce_sum(int(STOP.requested)):
         log('stopped before training started, nothing new to save; run the same command again to go on')
         return False
     start_epoch, start_iter = start
     for epoch in range(start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch, start_iter)
-        stats = run_epoch(epoch, start_iter, stop, save)
+        stats = run_epoch(epoch, start_iter, STOP, save)
         if stats['stopped'] and not stats['epoch_done']:
             save(epoch, stats['iters_done'])
             log(f'stopped in epoch {epoch} after iteration {stats["iters_done"]}, checkpoint saved; run the same '
@@ -138,7 +137,7 @@ def train_epochs(args, loader, start, run_epoch, after_epoch, save):
         after_epoch(epoch, stats)
         save(epoch, 0)
         # a signal during the epoch's last steps or its evaluation: the epoch's checkpoint is the place to stop
-        if epoch + 1 < args.epochs and all_reduce_sum(int(stop.requested)):
+        if epoch + 1 < args.epochs and all_reduce_sum(int(STOP.requested)):
             log(f'stopped after epoch {epoch}, checkpoint saved; run the same command again to continue')
             return False
     return True
