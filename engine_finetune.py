@@ -1,26 +1,26 @@
-"""One epoch of supervised training (fine-tuning or linear probing), and evaluation."""
+"""The supervised step (fine-tuning or linear probing), from a loader batch to its loss, and evaluation."""
+from typing import Callable, Optional
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from util.precision import autocast
-from util.train_loop import train_epoch
 
 
-def train_one_epoch(model, criterion, loader, optimizer, scaler, epoch, args, device, logger, mixup=None, **loop):
-    """Classification loss on each batch, after mixup/cutmix when enabled. `loop`: train_epoch's options."""
-    def compute_loss(batch):
-        images = batch[0].to(device, non_blocking=True)
-        labels = batch[1].to(device, non_blocking=True)
-        if mixup is not None:
-            images, labels = mixup(images, labels)
-        return criterion(model(images), labels)
-
-    return train_epoch(model, loader, compute_loss, optimizer, scaler, epoch, args, device, logger, **loop)
+def batch_loss(model: torch.nn.Module, criterion: Callable, batch, device: torch.device,
+               mixup: Optional[Callable] = None) -> torch.Tensor:
+    """engine.train_epoch's step: the classification loss of a (images, labels, ...) batch, after mixup/cutmix
+    when enabled."""
+    images = batch[0].to(device, non_blocking=True)
+    labels = batch[1].to(device, non_blocking=True)
+    if mixup is not None:
+        images, labels = mixup(images, labels)
+    return criterion(model(images), labels)
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, precision):
+def evaluate(model: torch.nn.Module, loader, device: torch.device, precision: str) -> dict:
     """Top-1/top-5 accuracy (%) and mean loss over the evaluation set, summed exactly over processes."""
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits, images

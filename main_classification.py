@@ -1,21 +1,22 @@
 """What main_finetune.py and main_linprobe.py share (not a script of its own): flags, data, the epoch loop with
 evaluation, best and last checkpoints, --eval. The two differ only in the model, optimizer, augmentation and
 loss they pass."""
+import argparse
 import datetime
+import functools
 import os
 import time
 
-from engine_finetune import evaluate, train_one_epoch
-from util import cli, runtime
-from util.checkpoint import find_resume, load_checkpoint, load_model_state, plain_args, resume_training, \
-    save_atomic, save_training
-from util.errors import UserError, check
+import engine
+import engine_finetune
+from util import cli, config, runtime
+from util.checkpoint import find_resume, load_checkpoint, load_model_state, resume_training, save_atomic, \
+    save_training
 from util.data import BadImages, eval_loader, eval_transform, image_folder, train_loader
 from util.distributed import broadcast_buffers, cleanup, is_main
+from util.errors import UserError, check
 from util.logger import log
-from util.train_loop import logged, train_epochs
 
-DEMO_PRETRAIN = './output_demo/pretrain/checkpoint-last.pth'
 # A resumed run must build the same classifier as the checkpoint's.
 RESUME_FLAGS = ('model', 'input_size', 'nb_classes', 'global_pool')
 
@@ -28,8 +29,8 @@ def add_classification_args(parser, model_choices):
     g.add_argument('--finetune', default='', help='pretraining checkpoint to start from (ours, MAE or MILAN)')
     g.add_argument('--nb_classes', type=int, default=1000, help='classes in train/ and val/')
     g.add_argument('--eval', action='store_true', help='only evaluate the --resume checkpoint on val/')
-    g.add_argument('--dist_eval', action='store_true',
-                   help='accepted for MAE compatibility: evaluation is always sharded exactly over processes')
+    # MAE's recipes pass it; evaluation here is always sharded exactly over processes, so it changes nothing
+    g.add_argument('--dist_eval', action='store_true', help=argparse.SUPPRESS)
     g.add_argument('--global_pool', action='store_true', help='average the patch tokens (with a LayerNorm)')
     g.add_argument('--cls_token', action='store_false', dest='global_pool', help='use the class token instead')
     return parser
@@ -39,15 +40,8 @@ def validate_args(args):
     cli.validate_common(args)
     check(not args.eval or args.resume, '--eval needs --resume CHECKPOINT to evaluate')
     check(not args.finetune or os.path.isfile(args.finetune), f'--finetune {args.finetune}: no such file')
-
-
-def demo_pretrained(args):
-    """The demo starts from the demo pretraining checkpoint when there is one."""
-    if args.demo and not args.finetune and not args.eval:
-        if os.path.isfile(DEMO_PRETRAIN):
-            args.finetune = DEMO_PRETRAIN
-        else:
-            log(f'no {DEMO_PRETRAIN} (run `python main_pretrain.py` first): training from random initialisation')
+    if args.dist_eval:
+        log('note: --dist_eval can be dropped: evaluation is always sharded exactly over the processes')
 
 
 def check_classes(dataset, args, split):
@@ -66,7 +60,6 @@ def run(args, kind, build_model, build_optimizer, train_transform, criterion, mi
     validate_args(args)
     device = runtime.start(args)
     found = (None, None) if args.eval else find_resume(args, kind, RESUME_FLAGS)
-    demo_pretrained(args)
     train_set = image_folder(args.data_path, 'train', train_transform)
     val_set = image_folder(args.data_path, 'val', eval_transform(args.input_size))
     check_classes(train_set, args, 'train')
@@ -75,7 +68,7 @@ def run(args, kind, build_model, build_optimizer, train_transform, criterion, mi
     val = eval_loader(val_set, args.batch_size, args.num_workers, pin)
 
     model = build_model(args).to(device)
-    runtime.compile_blocks(args, device, model.blocks)
+    runtime.compile_blocks(args, model.blocks)
     log(f'model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, '
         f'{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trained; {device}')
     model_without_ddp = model
@@ -84,7 +77,7 @@ def run(args, kind, build_model, build_optimizer, train_transform, criterion, mi
     if args.eval:
         ckpt = load_checkpoint(args.resume, kind)
         load_model_state(model_without_ddp, ckpt['model'], args.resume)
-        stats = evaluate(model, val, device, args.precision)
+        stats = engine_finetune.evaluate(model, val, device, args.precision)
         log(f'{args.resume} on {len(val_set)} images: top-1 {stats["acc1"]:.2f}% top-5 {stats["acc5"]:.2f}%')
         cleanup()
         return stats
@@ -97,31 +90,36 @@ def run(args, kind, build_model, build_optimizer, train_transform, criterion, mi
     logger = runtime.open_logger(args, start[0])
     bad_images = BadImages(len(train_set), args.max_bad_frac)
 
-    def run_epoch(epoch, start_iter, stop, save):
-        return train_one_epoch(model, criterion, loader, optimizer, scaler, epoch, args, device, logger, mixup,
-                               start_iter=start_iter, stop=stop, bad_images=bad_images, save=save)
+    step = functools.partial(engine_finetune.batch_loss, model, criterion, device=device, mixup=mixup)
 
-    def after_epoch(epoch, train_stats):
-        nonlocal best
-        broadcast_buffers(model_without_ddp)
-        stats = evaluate(model, val, device, args.precision)
-        if stats['acc1'] > best and is_main() and args.output_dir:
-            save_atomic({'kind': kind, 'model': model_without_ddp.state_dict(), 'epoch': epoch,
-                         'best_acc1': stats['acc1'], 'args': plain_args(args)},
-                        os.path.join(args.output_dir, 'checkpoint-best.pth'))
-        best = max(best, stats['acc1'])
-        last.update(stats)
-        logger.scalars(epoch, val_acc1=stats['acc1'], val_acc5=stats['acc5'], val_loss=stats['loss'])
-        logger.epoch({'epoch': epoch, **logged(train_stats),
-                      **{f'val_{k}': v for k, v in stats.items()}})
-        log(f'epoch {epoch}: val top-1 {stats["acc1"]:.2f}% top-5 {stats["acc5"]:.2f}% (best {best:.2f}%), '
-            f'train loss {train_stats["loss"]:.4f}')
-
-    def save(epoch, resume_iter):
+    def save(epoch, resume_iter=0):
         save_training(args, epoch, model_without_ddp, optimizer, scaler, kind, resume_iter, {'best_acc1': best})
 
     start_time = time.time()
-    completed = train_epochs(args, loader, start, run_epoch, after_epoch, save)
+    (epoch, start_iter), completed = start, not engine.stop_requested('before training started, nothing new to save')
+    while completed and epoch < args.epochs:
+        loader.sampler.set_epoch(epoch, start_iter)
+        train_stats = engine.train_epoch(model, loader, step, optimizer, scaler, epoch, args, device, logger,
+                                         start_iter, bad_images, save)
+        if train_stats.stopped:  # saved where it stopped
+            completed = False
+            break
+        broadcast_buffers(model_without_ddp)
+        stats = engine_finetune.evaluate(model, val, device, args.precision)
+        if stats['acc1'] > best and is_main() and args.output_dir:
+            save_atomic({'kind': kind, 'model': model_without_ddp.state_dict(), 'epoch': epoch,
+                         'best_acc1': stats['acc1'], 'args': config.plain(args)},
+                        os.path.join(args.output_dir, 'checkpoint-best.pth'))
+        best = max(best, stats['acc1'])
+        last = stats
+        logger.scalars(epoch, val_acc1=stats['acc1'], val_acc5=stats['acc5'], val_loss=stats['loss'])
+        logger.epoch({'epoch': epoch, **train_stats.logged(), **{f'val_{k}': v for k, v in stats.items()}})
+        log(f'epoch {epoch}: val top-1 {stats["acc1"]:.2f}% top-5 {stats["acc5"]:.2f}% (best {best:.2f}%), '
+            f'train loss {train_stats.loss:.4f}')
+        save(epoch)
+        # a signal during the epoch's last steps or its evaluation: the epoch's checkpoint is the place to stop
+        completed = epoch + 1 == args.epochs or not engine.stop_requested(f'after epoch {epoch}, checkpoint saved')
+        epoch, start_iter = epoch + 1, 0
     logger.close()
     log(f'training time {datetime.timedelta(seconds=int(time.time() - start_time))}; best top-1 {best:.2f}%')
     cleanup()

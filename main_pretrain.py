@@ -1,23 +1,23 @@
 """MILAN pretraining: a ViT learns to predict a frozen CLIP image encoder's per-token features from a
 masked view of the image. Without --data_path it runs a small CPU demo on generated images."""
 import datetime
-import os
+import functools
 import time
 
 import torch
 
+import engine
+import engine_pretrain
 import models_milan
 import visualize
-from engine_pretrain import train_one_epoch
-from util import cli, runtime
+from models_clip import build_teacher
+from util import cli, config, runtime
 from util.checkpoint import find_resume, resume_training, save_training
-from util.clip_teacher import build_teacher
 from util.data import BadImages, image_folder, pretrain_transform, train_loader
 from util.distributed import cleanup
 from util.errors import UserError, check
 from util.logger import log
 from util.optim import adamw, param_groups_weight_decay
-from util.train_loop import logged, train_epochs
 
 KIND = 'pretrain'
 METHOD = models_milan.FLAG_DEFAULTS
@@ -50,7 +50,7 @@ def get_args_parser():
     g.add_argument('--clip_model', default=METHOD['clip_model'],
                    help='CLIP teacher: an OpenAI model name (downloaded once into --clip_cache), a TorchScript '
                         '.pt or a state-dict file; "random" is a random tiny teacher for smoke tests only')
-    g.add_argument('--clip_cache', default=cli.cache_dir('clip'), help='where named CLIP models are downloaded')
+    g.add_argument('--clip_cache', default=config.cache_dir('clip'), help='where named CLIP models are downloaded')
     g.add_argument('--average_targets', type=int, default=METHOD['average_targets'],
                    help='average the teacher outputs of the last K blocks as the target')
     g.add_argument('--vis_every', type=int, default=20,
@@ -66,8 +66,6 @@ def validate_args(args):
     check(0 < args.mask_ratio < 1, f'--mask_ratio must be between 0 and 1 (exclusive), got {args.mask_ratio}')
     check(not args.attn_mask or args.use_clip,
           '--attn_mask needs the CLIP teacher\'s attention: add --use_clip or drop --attn_mask')
-    if os.path.isfile(args.clip_model):  # so that a resume compares the same file however it was named
-        args.clip_model = os.path.abspath(args.clip_model)
     if args.norm_pix_loss and args.use_clip:  # the released recipes pass both
         log('note: --norm_pix_loss has no effect on the CLIP target (it normalises pixel targets only)')
     check(args.average_targets == 1 or args.use_clip, '--average_targets needs --use_clip')
@@ -88,9 +86,9 @@ def build_optimizer(args, model):
                  next(model.parameters()).device)
 
 
-def compile_models(args, device, model, teacher):
+def compile_models(args, model, teacher):
     """--compile: the student's encoder and decoder blocks and the teacher's blocks."""
-    runtime.compile_blocks(args, device, model.blocks, model.decoder_blocks,
+    runtime.compile_blocks(args, model.blocks, model.decoder_blocks,
                            teacher.transformer.resblocks if teacher is not None else [])
 
 
@@ -123,7 +121,7 @@ def main(args):
     model = build_model(args, teacher).to(device)
     if teacher is not None:
         teacher.to(device)
-    compile_models(args, device, model, teacher)
+    compile_models(args, model, teacher)
 
     log(f'model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; target '
         f'{"CLIP features" if args.use_clip else "pixels"}, {"prompting" if args.change_decoder else "MAE"} '
@@ -136,24 +134,32 @@ def main(args):
     bad_images = BadImages(len(dataset), args.max_bad_frac)
     vis_images = fixed_images(dataset, args.vis_images, args.input_size) if logger.writer else None
 
-    def run_epoch(epoch, start_iter, stop, save):
-        return train_one_epoch(model, teacher, loader, optimizer, scaler, epoch, args, device, logger,
-                               start_iter=start_iter, stop=stop, bad_images=bad_images, save=save)
+    step = functools.partial(engine_pretrain.batch_loss, model, teacher, args=args, device=device,
+                             bad_images=bad_images)
 
-    def after_epoch(epoch, stats):
-        logger.epoch({'epoch': epoch, **logged(stats)})
-        log(f'epoch {epoch} done: loss {stats["loss"]:.4f}, {stats["images_per_sec"]:.1f} img/s')
+    def save(epoch, resume_iter=0):
+        save_training(args, epoch, model_without_ddp, optimizer, scaler, KIND, resume_iter)
+
+    start_time = time.time()
+    (epoch, start_iter), completed = start, not engine.stop_requested('before training started, nothing new to save')
+    while completed and epoch < args.epochs:
+        loader.sampler.set_epoch(epoch, start_iter)
+        stats = engine.train_epoch(model, loader, step, optimizer, scaler, epoch, args, device, logger, start_iter,
+                                   bad_images, save)
+        if stats.stopped:  # saved where it stopped
+            completed = False
+            break
+        logger.epoch({'epoch': epoch, **stats.logged()})
+        log(f'epoch {epoch} done: loss {stats.loss:.4f}, {stats.images_per_sec:.1f} img/s')
         last = epoch + 1 == args.epochs
         if vis_images is not None and args.vis_every and ((epoch + 1) % args.vis_every == 0 or last):
             grids = visualize.panels(model_without_ddp, teacher, vis_images.to(device), args.mask_ratio,
                                      teacher_input_norm=args.teacher_input_norm, attn_mask=args.attn_mask).grids
             logger.writer.add_images('panels', grids, epoch, dataformats='NHWC')
-
-    def save(epoch, resume_iter):
-        save_training(args, epoch, model_without_ddp, optimizer, scaler, KIND, resume_iter)
-
-    start_time = time.time()
-    completed = train_epochs(args, loader, start, run_epoch, after_epoch, save)
+        save(epoch)
+        # a signal during the epoch's last steps or its panels: the epoch's checkpoint is the place to stop
+        completed = last or not engine.stop_requested(f'after epoch {epoch}, checkpoint saved')
+        epoch, start_iter = epoch + 1, 0
     logger.close()
     log(f'training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
     cleanup()

@@ -1,6 +1,8 @@
 """MILAN pretraining models: an MAE-style ViT encoder on the visible patches, the MAE decoder or the
-prompting decoder, and the CLIP-feature or pixel reconstruction loss (SPEC sections 2-4)."""
+prompting decoder, the CLIP-feature or pixel reconstruction loss (SPEC sections 2-4), and the loss of a batch
+with the teacher's view of it. The teacher's architecture is models_clip's."""
 from functools import partial
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -14,7 +16,7 @@ from util.pos_embed import sincos_2d
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 
 
-def teacher_view(images, teacher_input_norm):
+def teacher_view(images: torch.Tensor, teacher_input_norm: str) -> torch.Tensor:
     """The teacher sees the student's (ImageNet-normalised) batch: as released by default, or with CLIP's own
     statistics ('clip')."""
     if teacher_input_norm == 'clip':
@@ -22,7 +24,8 @@ def teacher_view(images, teacher_input_norm):
     return images
 
 
-def masking_order(batch, num_patches, device, importance=None):
+def masking_order(batch: int, num_patches: int, device: torch.device,
+                  importance: Optional[torch.Tensor] = None) -> torch.Tensor:
     """A permutation of the patches per image; the first ones stay visible.
 
     Random masking draws a uniform permutation. Semantic-aware masking draws patches without replacement
@@ -38,7 +41,7 @@ def masking_order(batch, num_patches, device, importance=None):
     return scores.argsort(dim=1, descending=True)
 
 
-def patchify(imgs, patch_size):
+def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
     """[B, 3, H, W] -> [B, L, p*p*3] flattened as (row-in-patch, column-in-patch, channel), MAE's order."""
     b, c, h, w = imgs.shape
     gh, gw = h // patch_size, w // patch_size
@@ -46,19 +49,19 @@ def patchify(imgs, patch_size):
     return x.permute(0, 2, 4, 3, 5, 1).reshape(b, gh * gw, patch_size * patch_size * c)
 
 
-def clip_token_losses(pred, target):
+def clip_token_losses(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """2 - 2 cos(pred, target) of every token: [B, N]."""
     pred = F.normalize(pred.float(), dim=-1)
     target = F.normalize(target.float(), dim=-1)
     return 2 - 2 * (pred * target).sum(dim=-1)
 
 
-def clip_feature_loss(pred, target):
+def clip_feature_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean over every token of every image (class, visible and masked) of 2 - 2 cos(pred, target)."""
     return clip_token_losses(pred, target).mean()
 
 
-def pixel_patch_losses(pred, target, norm_pix_loss):
+def pixel_patch_losses(pred: torch.Tensor, target: torch.Tensor, norm_pix_loss: bool) -> torch.Tensor:
     """Mean squared error of every patch: [B, L]; with norm_pix_loss each target patch is normalised by its
     own mean and unbiased variance."""
     target = target.float()
@@ -69,12 +72,12 @@ def pixel_patch_losses(pred, target, norm_pix_loss):
     return ((pred.float() - target) ** 2).mean(dim=-1)
 
 
-def pixel_loss(pred, target, mask, norm_pix_loss):
+def pixel_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_pix_loss: bool) -> torch.Tensor:
     """Per-patch mean squared error averaged over the masked patches (mask: 1 = masked)."""
     return (pixel_patch_losses(pred, target, norm_pix_loss) * mask).sum() / mask.sum()
 
 
-def block_cls_attention(block, x):
+def block_cls_attention(block: Block, x: torch.Tensor) -> torch.Tensor:
     """[B, N] head-averaged attention probabilities of the class-token query over all N keys in a timm
     `Block` whose input is `x`, from that one query row (the block's own norm, qkv and q/k norms)."""
     attn = block.attn
@@ -95,7 +98,7 @@ class PromptAttention(nn.Module):
         self.kv = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, queries, context):
+    def forward(self, queries: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, nq, d = queries.shape
         h = self.num_heads
         q = self.q(queries).reshape(b, nq, h, d // h).transpose(1, 2)
@@ -115,7 +118,7 @@ class PromptingBlock(nn.Module):
         self.norm2 = LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, fixed, m):
+    def forward(self, fixed: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         h = self.norm1(m)
         # Attention does not depend on the order of the keys, so [f ; LN1(m)] needs no reordering.
         m = m + self.attn(h, torch.cat([fixed, h], dim=1))
@@ -180,14 +183,14 @@ class MilanViT(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def no_weight_decay(self):
+    def no_weight_decay(self) -> set:
         """Tokens are exempt from weight decay (position embeddings are fixed buffers, never optimised)."""
         return {'cls_token', 'mask_token'}
 
-    def num_visible(self, mask_ratio):
+    def num_visible(self, mask_ratio: float) -> int:
         return int(self.num_patches * (1 - mask_ratio))
 
-    def embed_patches(self, imgs, ids_keep):
+    def embed_patches(self, imgs: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
         """The patch embedding (plus position) of the patches `ids_keep` [B, K] only: the convolution applied
         as a linear map to those patches' pixels, so at 75% masking a quarter of the work, forward and
         backward, and a quarter of the saved activations. Same weights, same numbers as the conv."""
@@ -202,20 +205,20 @@ class MilanViT(nn.Module):
         pos = self.pos_embed[0, 1:][ids_keep]
         return x + pos
 
-    def encoder_tokens(self, imgs, ids_keep):
+    def encoder_tokens(self, imgs: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
         """The encoder's input: the class token (with its position) before the embedded patches `ids_keep`."""
         x = self.embed_patches(imgs, ids_keep)
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         return torch.cat([cls, x], dim=1)
 
-    def forward_encoder(self, imgs, ids_shuffle, num_keep):
+    def forward_encoder(self, imgs: torch.Tensor, ids_shuffle: torch.Tensor, num_keep: int) -> torch.Tensor:
         """Encode the class token and the first `num_keep` patches of `ids_shuffle`."""
         x = self.encoder_tokens(imgs, ids_shuffle[:, :num_keep])
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x)
 
-    def cls_attention(self, imgs):
+    def cls_attention(self, imgs: torch.Tensor) -> torch.Tensor:
         """[B, L] head-averaged class-token attention to the patches in the last encoder block, every patch
         visible (what visualize.py draws). Computed from the last block's own layers rather than captured by a
         hook, because a hook on a block that torch.compile has captured never fires."""
@@ -225,7 +228,7 @@ class MilanViT(nn.Module):
             x = blk(x)
         return block_cls_attention(self.blocks[-1], x)[:, 1:]
 
-    def forward_decoder(self, latent, ids_shuffle):
+    def forward_decoder(self, latent: torch.Tensor, ids_shuffle: torch.Tensor) -> torch.Tensor:
         """Decode [B, 1+K, D] encoder outputs into [B, 1+L, out] predictions in image order.
 
         Tokens are kept in shuffled order (class, visible, masked) through the blocks, which is
@@ -251,7 +254,9 @@ class MilanViT(nn.Module):
         x = torch.cat([x[:, :1], patches], dim=1)
         return self.decoder_pred(self.decoder_norm(x))
 
-    def forward(self, imgs, clip_targets=None, importance=None, mask_ratio=0.75, ids_shuffle=None):
+    def forward(self, imgs: torch.Tensor, clip_targets: Optional[torch.Tensor] = None,
+                importance: Optional[torch.Tensor] = None, mask_ratio: float = 0.75,
+                ids_shuffle: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (loss, pred, mask): pred [B, 1+L, target_dim] for the CLIP target or [B, L, p*p*3] for
         pixels, mask [B, L] with 1 at masked patches, in image order. `importance` switches masking
         from random to semantic-aware; `ids_shuffle` fixes the masking order instead (tests, visualisation)."""
@@ -284,7 +289,7 @@ MODELS = {
 }
 
 
-def create_model(name, **kwargs):
+def create_model(name: str, **kwargs) -> MilanViT:
     """A MilanViT of the named size; kwargs set the input size, target and decoder type."""
     return MilanViT(**MODELS[name], **kwargs)
 
@@ -296,10 +301,32 @@ FLAG_DEFAULTS = dict(model='mae_vit_base_patch16', input_size=224, mask_ratio=0.
                      average_targets=1, teacher_input_norm='imagenet')
 
 
-def create_from_flags(flags, target_dim=512):
+def create_from_flags(flags: dict, target_dim: int = 512) -> MilanViT:
     """The MilanViT that a run's flags (a dict such as a checkpoint's 'args') describe; `target_dim` is the
     teacher's feature width (the CLIP target)."""
     flags = {**FLAG_DEFAULTS, **flags}
     return create_model(flags['model'], img_size=flags['input_size'], target='clip' if flags['use_clip'] else 'pixel',
                         target_dim=target_dim, prompting_decoder=flags['change_decoder'],
                         norm_pix_loss=flags['norm_pix_loss'])
+
+
+class BatchLoss(NamedTuple):
+    """One batch through the method: the loss, the student's prediction and mask (MilanViT.forward's), and the
+    teacher's targets and class-token importance (None for the pixel target)."""
+    loss: torch.Tensor
+    pred: torch.Tensor
+    mask: torch.Tensor
+    targets: Optional[torch.Tensor]
+    importance: Optional[torch.Tensor]
+
+
+def batch_loss(model: nn.Module, teacher: Optional[nn.Module], images: torch.Tensor, mask_ratio: float,
+               attn_mask: bool, teacher_input_norm: str = 'imagenet') -> BatchLoss:
+    """The loss of a normalised batch: the teacher's targets and importance from its view of the batch, the
+    student's reconstruction under random or (`attn_mask`) semantic-aware masking. `model` may be DDP-wrapped;
+    `teacher` is None for the pixel target."""
+    targets = importance = None
+    if teacher is not None:
+        targets, importance = teacher(teacher_view(images, teacher_input_norm))
+    loss, pred, mask = model(images, targets, importance if attn_mask else None, mask_ratio)
+    return BatchLoss(loss, pred, mask, targets, importance)

@@ -34,7 +34,8 @@ class DropPath(nn.Module):
         return x * (kept / keep.clamp_min(1e-12)).to(x.dtype)  # rate 1 drops every sample, no 0 / 0
 
 
-def create_model(name, img_size=224, num_classes=1000, global_pool=True, drop_path=0.0):
+def create_model(name: str, img_size: int = 224, num_classes: int = 1000, global_pool: bool = True,
+                 drop_path: float = 0.0) -> VisionTransformer:
     """global_pool=True: average of the patch tokens through a LayerNorm (`fc_norm`) into the head, MAE's
     fine-tuning setting; False: the final-normed class token (linear probing). Drop-path rates rise linearly
     over the blocks from 0 to `drop_path`, as in timm, in a form that one compiled graph serves."""

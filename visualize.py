@@ -24,10 +24,9 @@ from PIL import Image, ImageDraw, ImageFont
 from torchvision import transforms
 
 import models_milan
-from models_milan import teacher_view
-from util import cli
+from models_clip import build_teacher
+from util import cli, config
 from util.checkpoint import load_model_state
-from util.clip_teacher import build_teacher
 from util.data import eval_geometry, load_rgb, to_device_normalized
 from util.demo_data import ensure_demo_dataset
 from util.errors import UserError, check
@@ -65,7 +64,7 @@ def load_pretrain_checkpoint(path, clip_model=None, clip_cache=None):
 
     teacher_args = argparse.Namespace(use_clip=use_clip or clip_model is not None,
                                       clip_model=clip_model or args['clip_model'],
-                                      clip_cache=clip_cache or cli.cache_dir('clip'),
+                                      clip_cache=clip_cache or config.cache_dir('clip'),
                                       average_targets=args['average_targets'])
     teacher = build_teacher(teacher_args, model.patch_size, model.grid_size)
     if use_clip and teacher.output_dim != model.decoder_pred.out_features:
@@ -113,13 +112,10 @@ def panels(model, teacher, images, mask_ratio=0.75, seed=0, teacher_input_norm='
         # Eager even when training compiled the blocks: a few images do not pay for compiling inference graphs.
         with torch.compiler.set_stance('force_eager'):
             x = to_device_normalized(images, device)
-            targets = importance = None
-            if teacher is not None:
-                targets, importance = teacher(teacher_view(x, teacher_input_norm))
             with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else [], device_type=device.type):
                 torch.manual_seed(seed)
-                _, pred, mask = model(x, targets if model.target == 'clip' else None,
-                                      importance if attn_mask else None, mask_ratio)
+                _, pred, mask, targets, importance = models_milan.batch_loss(model, teacher, x, mask_ratio, attn_mask,
+                                                                             teacher_input_norm)
             loss = _per_patch_loss(model, x, pred, targets) * mask
             student = model.cls_attention(x)
     finally:

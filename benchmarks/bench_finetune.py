@@ -1,7 +1,7 @@
-"""Fine-tuning speed: images/s, ms per step, peak GPU memory and model-FLOP utilisation of the real training
-step (engine_finetune.train_one_epoch with main_finetune's model, layer-decayed AdamW, drop path, mixup/cutmix
-and label smoothing: the published recipe), fed one synthetic batch already on the device, or (--data jpeg)
-the real loader (RandAugment, random erasing) over a folder of JPEGs.
+"""Fine-tuning speed: images/s, ms per step, peak GPU memory and model-FLOP utilisation of the real training step
+(engine.train_epoch over engine_finetune.batch_loss, with main_finetune's model, layer-decayed AdamW, drop path,
+mixup/cutmix and label smoothing: the published recipe), fed one synthetic batch already on the device, or (--data
+jpeg) the real loader (RandAugment, random erasing) over a folder of JPEGs.
 
     python benchmarks/bench_finetune.py --models vit_base_patch16 --batch_sizes 128 --compile on off
     python benchmarks/bench_finetune.py --data jpeg --generate 4000 --num_workers 16
@@ -12,17 +12,19 @@ FLOPs per image are counted on one eager fp32 step (matrix products and attentio
 achieved FLOP/s by --peak_tflops.
 """
 import argparse
+import functools
 import itertools
 from contextlib import nullcontext
 
 import torch
 
 import common  # noqa: F401  (puts the repository on sys.path)
+import engine
+import engine_finetune
 import main_finetune
 import models_vit
-from engine_finetune import train_one_epoch
-from util.data import image_folder, train_loader
 from util import runtime
+from util.data import image_folder, train_loader
 from util.logger import RunLogger
 from util.precision import grad_scaler
 
@@ -41,12 +43,12 @@ def build(args, device):
     """run_epoch(loader): the fine-tuning epoch over `loader` with main_finetune's model, optimizer, loss and
     mixup (blocks compiled when args.compile)."""
     model = main_finetune.build_model(args).to(device)
-    runtime.compile_blocks(args, device, model.blocks)
+    runtime.compile_blocks(args, model.blocks)
     optimizer = main_finetune.build_optimizer(args, model)
     criterion, mixup = main_finetune.build_criterion(args)
     scaler, logger = grad_scaler(args.precision, device), RunLogger(None, None)
-    return lambda loader: train_one_epoch(model, criterion, loader, optimizer, scaler, 0, args, device, logger,
-                                          mixup)
+    step = functools.partial(engine_finetune.batch_loss, model, criterion, device=device, mixup=mixup)
+    return lambda loader: engine.train_epoch(model, loader, step, optimizer, scaler, 0, args, device, logger)
 
 
 def count_flops(opts, model_name, device):

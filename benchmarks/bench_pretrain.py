@@ -1,8 +1,7 @@
-"""Pretraining speed: images/s, ms per step, peak GPU memory and model-FLOP utilisation of the real training
-step (engine_pretrain.train_one_epoch: teacher forward, masking, student forward and backward, fused AdamW,
-the training loop's own checks), built by main_pretrain from its own flags; fed one synthetic batch already
-on the device, or (--data jpeg) the real loader over a folder of JPEGs. --loader times the input pipeline
-alone.
+"""Pretraining speed: images/s, ms per step, peak GPU memory and model-FLOP utilisation of the real training step
+(engine.train_epoch over engine_pretrain.batch_loss: teacher forward, masking, student forward and backward, fused
+AdamW, the training loop's own checks), built by main_pretrain from its own flags; fed one synthetic batch already on
+the device, or (--data jpeg) the real loader over a folder of JPEGs. --loader times the input pipeline alone.
 
     python benchmarks/bench_pretrain.py --models mae_vit_base_patch16 --batch_sizes 256 --compile on off
     python benchmarks/bench_pretrain.py --mode mae --batch_sizes 256                # MAE pixel baseline
@@ -17,17 +16,19 @@ weights of the chosen shape (--teacher vit_b16 is the paper's CLIP ViT-B/16): sp
 values, and nothing is downloaded.
 """
 import argparse
+import functools
 import itertools
 import time
 
 import torch
 
 import common  # noqa: F401  (puts the repository on sys.path)
+import engine
+import engine_pretrain
 import main_pretrain
 import models_milan
-from engine_pretrain import train_one_epoch
+from models_clip import build_random_teacher
 from util import runtime
-from util.clip_teacher import build_random_teacher
 from util.data import image_folder, pretrain_transform, train_loader
 from util.device_decode import decode_on_device
 from util.logger import RunLogger
@@ -64,7 +65,7 @@ def build_models(opts, args, device):
     if teacher is not None:
         teacher.to(device)
     model = main_pretrain.build_model(args, teacher).to(device)
-    main_pretrain.compile_models(args, device, model, teacher)
+    main_pretrain.compile_models(args, model, teacher)
     return model, teacher
 
 
@@ -73,7 +74,8 @@ def epoch_runner(args, device, model, teacher):
     DDP wrapping set up as main_pretrain sets them up."""
     model, optimizer, scaler = runtime.prepare_training(args, model, device, main_pretrain.build_optimizer)
     logger = RunLogger(None, None)
-    return lambda loader: train_one_epoch(model, teacher, loader, optimizer, scaler, 0, args, device, logger)
+    step = functools.partial(engine_pretrain.batch_loss, model, teacher, args=args, device=device)
+    return lambda loader: engine.train_epoch(model, loader, step, optimizer, scaler, 0, args, device, logger)
 
 
 def build(opts, args, device):

@@ -7,14 +7,43 @@ import signal
 import socket
 import subprocess
 import sys
+import warnings
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from util.demo_data import ensure_demo_dataset  # noqa: E402
 from util.preemption import STOP  # noqa: E402
+
+
+CLIP_PATCH, CLIP_GRID = 8, 4  # the tiny reference CLIP's vision tower: 8px patches on a 4x4 grid
+
+
+@pytest.fixture(scope='session')
+def clip():
+    """openai-clip, the reference implementation: a test dependency only, the runtime never imports it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # openai-clip imports the deprecated pkg_resources
+        return pytest.importorskip('clip')
+
+
+@pytest.fixture(scope='session')
+def clip_sd(clip):
+    """A tiny full CLIP (2 vision heads, 3 blocks) with every parameter perturbed, so no LayerNorm or bias
+    is trivial."""
+    g = torch.Generator().manual_seed(0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = clip.model.CLIP(embed_dim=32, image_resolution=CLIP_PATCH * CLIP_GRID, vision_layers=3,
+                                vision_width=128, vision_patch_size=CLIP_PATCH, context_length=8, vocab_size=100,
+                                transformer_width=64, transformer_heads=1, transformer_layers=1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return model.eval(), {k: v.clone() for k, v in model.state_dict().items()}
 
 
 @pytest.fixture(autouse=True)

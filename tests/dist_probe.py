@@ -4,7 +4,7 @@ of the repository's distributed data pipeline and checks a DDP step, one JSON pe
     python -m torch.distributed.run --nproc_per_node 2 tests/dist_probe.py DATA OUT_DIR
 
 Through the repository's own code: `util.distributed.init_distributed`, `util.data.image_folder` /
-`pretrain_transform` / `train_loader`, `models_milan.create_model`, `util.clip_teacher.build_random_teacher`.
+`pretrain_transform` / `train_loader`, `models_milan.create_model`, `models_clip.build_random_teacher`.
 The test makes the assertions; this script only measures (so a failed check shows both ranks' data).
 """
 import argparse
@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
 import models_milan  # noqa: E402
 from util import distributed as udist  # noqa: E402
-from util.clip_teacher import build_random_teacher  # noqa: E402
+from models_clip import build_random_teacher  # noqa: E402
 from util.data import BadImages, image_folder, pretrain_transform, to_device_normalized, train_loader  # noqa: E402
 
 INPUT_SIZE = 32

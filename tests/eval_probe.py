@@ -1,5 +1,5 @@
-"""Launched by tests/test_finetune.py under torchrun (2 processes, gloo): runs an entry point in-process on
-every rank and writes what its main() returned, one JSON per rank.
+"""Launched by tests/test_main_classification.py under torchrun (2 processes, gloo): runs an entry point
+in-process on every rank and writes what its main() returned, one JSON per rank.
 
     python -m torch.distributed.run --nproc_per_node 2 tests/eval_probe.py OUT_DIR finetune|linprobe ARGS...
 

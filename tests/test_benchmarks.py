@@ -12,7 +12,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import main_pretrain
 from conftest import ROOT, cli_env
-from util.clip_teacher import build_random_teacher
+from models_clip import build_random_teacher
 
 TINY = ['--device', 'cpu', '--input_size', '32', '--batch_sizes', '4', '--precisions', 'fp32', '--compile', 'off',
         '--steps', '2', '--warmup', '1']

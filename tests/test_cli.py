@@ -1,12 +1,8 @@
-"""util/cli.py: every flag documented with its default, no abbreviations, defaults resolved for the machine,
-output folders checked first, and an error printed once per run, also under torchrun."""
+"""util/cli.py: flags documented with defaults, no abbreviations, machine defaults, output folders, single errors."""
 import argparse
 import os
-import signal
 
 import pytest
-import torch
-from torch.utils.data import DataLoader, Dataset
 
 import main_finetune
 import main_linprobe
@@ -14,10 +10,8 @@ import main_pretrain
 import visualize
 from conftest import launch, pretrain_argv
 from tools import checkpoint_tools
-from util import cli, runtime, slurm
-from util.data import eval_loader, init_worker, train_loader
+from util import cli, config, slurm
 from util.errors import LocalError, UserError
-from util.preemption import STOP
 
 PARSERS = {'main_pretrain': main_pretrain.get_args_parser, 'main_finetune': main_finetune.get_args_parser,
            'main_linprobe': main_linprobe.get_args_parser, 'visualize': visualize.get_args_parser,
@@ -55,7 +49,7 @@ def test_abbreviated_flags_are_refused(capsys):
 def test_given_flags_and_the_worker_default_capped_at_the_cpus(monkeypatch):
     parser = main_pretrain.get_args_parser()
     assert cli.given_flags(parser, ['--epochs', '3', '--no-attn_mask']) == {'epochs', 'attn_mask'}
-    monkeypatch.setattr(cli, 'available_cpus', lambda: 3)
+    monkeypatch.setattr(config, 'available_cpus', lambda: 3)
     args = cli.parse_args(parser, main_pretrain.DEMO_DEFAULTS, ['--data_path', '/data'])
     assert args.num_workers == 3  # default 10, but only 3 CPUs: the DataLoader would warn about more
     args = cli.parse_args(main_pretrain.get_args_parser(), main_pretrain.DEMO_DEFAULTS,
@@ -68,41 +62,6 @@ def test_clamped_finetuning_warmup(capsys):
                           ['--data_path', '/data', '--epochs', '2'])
     assert args.warmup_epochs == 2
     assert 'the default --warmup_epochs 5 exceeds --epochs 2' in capsys.readouterr().out
-
-
-class ThreadsAndSignals(Dataset):
-    def __len__(self):
-        return 2
-
-    def __getitem__(self, i):
-        return torch.tensor([torch.get_num_threads(), signal.getsignal(signal.SIGTERM) == signal.SIG_IGN,
-                             signal.getsignal(signal.SIGINT) == signal.SIG_IGN])
-
-
-def test_loader_workers_run_one_thread_and_ignore_stop_signals(tiny_data):
-    torch.set_num_threads(2)
-    try:
-        batch = next(iter(DataLoader(ThreadsAndSignals(), batch_size=2, num_workers=1, worker_init_fn=init_worker)))
-    finally:
-        torch.set_num_threads(1)
-    assert batch.tolist() == [[1, 1, 1], [1, 1, 1]]
-    from util.data import image_folder, pretrain_transform
-    folder = image_folder(tiny_data, 'train', pretrain_transform(32))
-    assert train_loader(folder, 8, 1, False, 0).worker_init_fn is init_worker
-    assert eval_loader(folder, 8, 1, False).worker_init_fn is init_worker
-
-
-def test_cpu_training_leaves_cores_to_the_loader_workers(tmp_path, monkeypatch):
-    monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
-    monkeypatch.setattr(cli, 'available_cpus', lambda: 6)
-    args = cli.parse_args(main_pretrain.get_args_parser(), main_pretrain.DEMO_DEFAULTS,
-                          ['--data_path', '/data', '--output_dir', str(tmp_path), '--num_workers', '4'])
-    threads = torch.get_num_threads()
-    try:
-        runtime.start(args)
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_output_dir_checks(tmp_path):
@@ -143,25 +102,6 @@ def test_other_ranks_print_only_what_they_met_alone(monkeypatch, capsys, error, 
         cli.run(main, None)
     assert exit_.value.code == 2
     assert capsys.readouterr().err == (f'error: {printed}\n' if printed else '')
-
-
-def test_stop_handlers_are_per_run(tmp_path):
-    """A training run takes the stop signals and gives them back; a new run forgets an earlier request;
-    an evaluation-only run leaves Ctrl-C alone (it never checks for a stop)."""
-    before = signal.getsignal(signal.SIGINT)
-    STOP.install()
-    STOP._handle(signal.SIGTERM, None)
-    assert STOP.requested
-    STOP.install()
-    assert not STOP.requested and signal.getsignal(signal.SIGTERM) == STOP._handle
-    with pytest.raises(KeyboardInterrupt):  # Ctrl-C after any stop request quits at once
-        STOP._handle(signal.SIGTERM, None) or STOP._handle(signal.SIGINT, None)
-    STOP.uninstall()
-    assert signal.getsignal(signal.SIGINT) == before
-    args = cli.parse_args(main_finetune.get_args_parser(), main_finetune.DEMO_DEFAULTS,
-                          ['--eval', '--resume', __file__, '--output_dir', str(tmp_path)])
-    runtime.start(args)
-    assert signal.getsignal(signal.SIGINT) == before
 
 
 def test_pin_mem_switches_both_ways():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from models_milan import create_model, masking_order
-from util.clip_teacher import build_random_teacher
+from models_clip import build_random_teacher
 from util.precision import autocast
 
 

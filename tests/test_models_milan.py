@@ -291,3 +291,28 @@ def test_method_flag_defaults_are_main_pretrains_and_build_the_model():
                                             'change_decoder': True}, target_dim=64)
     assert model.prompting_decoder and model.target == 'clip' and model.decoder_pred.out_features == 64
     assert models_milan.create_from_flags({'model': 'mae_vit_tiny_patch8', 'input_size': 32}).target == 'pixel'
+
+
+@pytest.mark.parametrize('norm', ['imagenet', 'clip'])
+def test_batch_loss_is_the_teacher_on_its_view_then_the_student(norm):
+    """models_milan.batch_loss, which training and visualize.panels share: the teacher sees teacher_view of the
+    batch; its importance steers the masks only with attn_mask; the loss is the student's on those targets."""
+    from models_clip import build_random_teacher
+    from util.data import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, renormalize
+    teacher = build_random_teacher(8, 4, output_dim=32)
+    model = create_model('mae_vit_tiny_patch8', img_size=32, target='clip', target_dim=32, prompting_decoder=True)
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    view = renormalize(x, IMAGENET_MEAN, IMAGENET_STD, CLIP_MEAN, CLIP_STD) if norm == 'clip' else x
+    targets, importance = teacher(view)
+    for attn_mask in (False, True):
+        torch.manual_seed(5)
+        got = models_milan.batch_loss(model, teacher, x, 0.75, attn_mask, norm)
+        torch.manual_seed(5)
+        loss, pred, mask = model(x, targets, importance if attn_mask else None, 0.75)
+        torch.testing.assert_close(got.targets, targets, rtol=0, atol=0)
+        torch.testing.assert_close(got.importance, importance, rtol=0, atol=0)
+        assert torch.equal(got.mask, mask) and torch.equal(got.pred, pred) and torch.equal(got.loss, loss)
+    assert not torch.equal(models_milan.teacher_view(x, 'clip'), x) and models_milan.teacher_view(x, 'imagenet') is x
+    pixel = create_model('mae_vit_tiny_patch8', img_size=32, target='pixel')
+    out = models_milan.batch_loss(pixel, None, x, 0.75, False)
+    assert out.targets is None and out.importance is None and out.pred.shape == (3, 16, 8 * 8 * 3)

@@ -1,11 +1,17 @@
-"""models_vit.py: the classifiers' sizes, and stochastic depth with timm's law in a form one compiled graph
-serves for every block."""
+"""models_vit.py: the classifiers' sizes, stochastic depth as timm's in one compiled graph, and our weights in timm."""
 import pytest
+import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
 import models_vit
+import test_main_classification
 from models_milan import MODELS as PRETRAIN_MODELS
+from test_main_classification import load
+from test_pretrained import DEPTH
+
+# the fixtures, by name (module-scoped: built once here); finetuned starts from pretrained
+finetuned, pretrained = test_main_classification.finetuned, test_main_classification.pretrained
 
 
 def test_sizes_are_the_pretraining_encoders():
@@ -46,3 +52,20 @@ def test_compiled_blocks_with_different_rates_share_one_graph():
         block.compile(dynamic=False)
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     assert counters['stats']['unique_graphs'] == 1
+
+
+def test_finetuned_weights_load_strictly_into_timm(finetuned):
+    """timm's own vit_tiny recipe, resized (8px patches, 4 blocks, 32px input) with global_pool='avg'."""
+    state = load(finetuned / 'checkpoint-best.pth')['model']
+    reference = timm.create_model('vit_tiny_patch16_224', pretrained=False, img_size=32, patch_size=8, depth=DEPTH,
+                                  num_classes=4, global_pool='avg')
+    untrained = timm.create_model('vit_tiny_patch16_224', pretrained=False, img_size=32, patch_size=8, depth=DEPTH,
+                                  num_classes=4, global_pool='avg')
+    reference.load_state_dict(state, strict=True)
+    ours = models_vit.create_model('vit_tiny_patch8', 32, 4, global_pool=True)
+    ours.load_state_dict(state, strict=True)
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = reference.eval()(x)
+        assert torch.equal(logits, ours.eval()(x))
+        assert not torch.allclose(logits, untrained.eval()(x))  # the weights really came from the file

@@ -23,7 +23,8 @@ from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
 import models_milan  # noqa: E402
 import models_vit  # noqa: E402
-from util.checkpoint import plain_args, save_atomic  # noqa: E402
+from util.checkpoint import save_atomic  # noqa: E402
+from util.config import plain  # noqa: E402
 from util.cli import add_common_args, make_parser, run  # noqa: E402
 from util.errors import UserError  # noqa: E402
 from util.pretrained import model_state, read_checkpoint  # noqa: E402
@@ -182,7 +183,7 @@ def import_mae(args):
                   imported_from=os.path.abspath(args.checkpoint))
     epoch = ckpt.get('epoch')
     save_atomic({'kind': 'pretrain', 'model': model.state_dict(), 'epoch': epoch if isinstance(epoch, int) else None,
-                 'args': plain_args(argparse.Namespace(**mapped))}, args.out)
+                 'args': plain(argparse.Namespace(**mapped))}, args.out)
     print(f'wrote {args.out}: {name} at {input_size}px, {"CLIP" if use_clip else "pixel"} target, '
           f'{"prompting" if prompting else "MAE"} decoder, epoch {epoch}; weights only (no optimizer state, '
           f'so it cannot be resumed): use it with main_finetune.py --finetune or visualize.py --checkpoint')

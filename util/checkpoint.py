@@ -8,22 +8,13 @@ import shutil
 import torch
 
 from util import rng
+from util.config import plain
 from util.errors import UserError
 from util.distributed import is_main
 from util.logger import log
 from util.pretrained import load_failure
 
 LAST = 'checkpoint-last.pth'
-
-
-def plain_args(args):
-    """The run's configuration as a dict of plain values, safe to store in a checkpoint."""
-    ok = (str, int, float, bool, type(None))
-    out = {}
-    for key, value in vars(args).items():
-        if isinstance(value, ok) or (isinstance(value, (list, tuple)) and all(isinstance(v, ok) for v in value)):
-            out[key] = list(value) if isinstance(value, tuple) else value
-    return out
 
 
 def save_atomic(state, path):
@@ -163,7 +154,7 @@ def save_training(args, epoch, model, optimizer, scaler, kind, resume_iter=0, ex
         return
     state = {'kind': kind, 'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
              'scaler': scaler.state_dict() if scaler.is_enabled() else None, 'epoch': epoch,
-             'resume_iter': resume_iter, 'rng': states, 'args': plain_args(args), **(extra or {})}
+             'resume_iter': resume_iter, 'rng': states, 'args': plain(args), **(extra or {})}
     last = os.path.join(args.output_dir, LAST)
     save_atomic(state, last)
     if resume_iter == 0:

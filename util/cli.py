@@ -7,9 +7,9 @@ import tempfile
 import textwrap
 import time
 
-from util.distributed import launch_rank, local_processes, world_size
+from util.config import settle_flags
+from util.distributed import launch_rank, world_size
 from util.errors import LocalError, UserError, check, one_line
-from util.logger import log
 from util.preemption import STOP
 
 
@@ -126,11 +126,6 @@ def add_common_args(parser):
     return parser
 
 
-def cache_dir(name):
-    """~/.cache/<name>, honouring $XDG_CACHE_HOME (where openai-clip and most tools keep downloads)."""
-    return os.path.join(os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache'), name)
-
-
 def _cuda():
     import torch
     return torch.cuda.is_available()
@@ -144,14 +139,7 @@ def parse_args(parser, demo_defaults, argv=None):
         parser.set_defaults(**demo_defaults)
     given = given_flags(parser, argv)
     args = parser.parse_args(argv)
-    args.demo = args.data_path is None
-    args.log_dir = args.log_dir or args.output_dir
-    if 'num_workers' not in given:  # the DataLoader warns about more workers than CPUs
-        args.num_workers = min(args.num_workers, max(1, cpus_per_process()))
-    if 'warmup_epochs' not in given and 1 <= args.epochs < args.warmup_epochs:
-        log(f'warning: the default --warmup_epochs {args.warmup_epochs} exceeds --epochs {args.epochs}: warming up '
-            f'for all {args.epochs} instead; pass --warmup_epochs to choose')
-        args.warmup_epochs = args.epochs
+    settle_flags(args, given)
     return args
 
 
@@ -161,19 +149,6 @@ def given_flags(parser, argv=None):
     namespace = argparse.Namespace(**{a.dest: unset for a in parser._actions if a.dest != argparse.SUPPRESS})
     parser.parse_known_args(argv, namespace)
     return {dest for dest, value in vars(namespace).items() if value is not unset}
-
-
-def available_cpus():
-    """CPUs this process may run on (its affinity mask, which schedulers and containers set)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS
-        return os.cpu_count() or 1
-
-
-def cpus_per_process():
-    """This process's share of the CPUs, when every training process on the machine gets the same."""
-    return available_cpus() // local_processes()
 
 
 def check_output_dir(path, flag):

@@ -8,16 +8,12 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw
 
-from util.cli import cache_dir
+from util.config import demo_data_root
 
 CLASSES = ('disc', 'square', 'hstripes', 'vstripes')
 TRAIN_PER_CLASS = 64
 VAL_PER_CLASS = 16
 DONE = 'COMPLETE'
-
-
-def default_root():
-    return os.path.join(cache_dir('milan'), 'demo_data')
 
 
 def _draw(label, rng):
@@ -45,7 +41,7 @@ def _draw(label, rng):
 
 def ensure_demo_dataset(root=None, seed=0, train_per_class=TRAIN_PER_CLASS, val_per_class=VAL_PER_CLASS):
     """Create root/{train,val}/<class>/*.JPEG unless a complete copy is already there; returns root."""
-    root = root or default_root()
+    root = root or demo_data_root()
     if os.path.isfile(os.path.join(root, DONE)):
         return root
     rng = np.random.default_rng(seed)

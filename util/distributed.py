@@ -9,13 +9,24 @@ import torch.distributed as dist
 from util.errors import UserError
 
 
+def _launcher():
+    """What started this process as one of several: 'torchrun' (RANK and WORLD_SIZE, as torchrun,
+    `torch.distributed.launch --use_env` and submitit set them), 'srun' (SLURM tasks without a launcher), or None."""
+    if 'RANK' in os.environ and 'WORLD_SIZE' in os.environ:
+        return 'torchrun'
+    if int(os.environ.get('SLURM_NTASKS', 1)) > 1 and 'SLURM_PROCID' in os.environ:
+        return 'srun'
+    return None
+
+
 def init_distributed(args):
     """Sets args.distributed, args.rank, args.world_size, args.local_rank and returns the torch device."""
-    if 'RANK' in os.environ and 'WORLD_SIZE' in os.environ:
+    launcher = _launcher()
+    if launcher == 'torchrun':
         args.rank = int(os.environ['RANK'])
         args.world_size = int(os.environ['WORLD_SIZE'])
         args.local_rank = int(os.environ.get('LOCAL_RANK', args.local_rank))
-    elif int(os.environ.get('SLURM_NTASKS', 1)) > 1 and 'SLURM_PROCID' in os.environ:
+    elif launcher == 'srun':
         _from_slurm(args)
     else:
         args.rank, args.world_size, args.local_rank = 0, 1, 0
@@ -67,9 +78,10 @@ def launch_rank():
     srun's SLURM_PROCID), so that start-up lines and errors are printed once, not once per process."""
     if dist.is_initialized():
         return dist.get_rank()
-    if 'RANK' in os.environ:
+    launcher = _launcher()
+    if launcher == 'torchrun':
         return int(os.environ['RANK'])
-    return int(os.environ.get('SLURM_PROCID', 0)) if int(os.environ.get('SLURM_NTASKS', 1)) > 1 else 0
+    return int(os.environ['SLURM_PROCID']) if launcher == 'srun' else 0
 
 
 def world_size():

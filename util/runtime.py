@@ -1,5 +1,5 @@
-"""Run setup shared by the entry points: processes and device, precision, seeds, output folder, demo data,
-the learning rate from the effective batch, and DDP wrapping."""
+"""Run setup shared by the entry points: processes and device, the configuration settled for them
+(util.config), seeds, output folder, demo data, compiling blocks and DDP wrapping."""
 import inspect
 import os
 import platform
@@ -11,12 +11,11 @@ import torch
 import torchvision
 from torch.nn.parallel import DistributedDataParallel
 
-from util.checkpoint import plain_args
-from util.cli import cpus_per_process
+from util.config import cpus_per_process, plain, settle_for_device
 from util.demo_data import ensure_demo_dataset
-from util.distributed import init_distributed, world_size
+from util.distributed import init_distributed
 from util.logger import RunLogger, log
-from util.precision import grad_scaler, resolve_precision
+from util.precision import grad_scaler
 from util.preemption import STOP
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,7 +27,7 @@ def start(args):
     if not getattr(args, 'eval', False):
         STOP.install()
     device = init_distributed(args)
-    args.precision = resolve_precision(args.precision, device)
+    settle_for_device(args, device)
     if device.type == 'cpu' and 'OMP_NUM_THREADS' not in os.environ:
         # Training threads and loader workers share the cores: all of them for each would oversubscribe.
         torch.set_num_threads(max(1, cpus_per_process() - args.num_workers))
@@ -37,37 +36,24 @@ def start(args):
     if args.output_dir:
         os.makedirs(args.output_dir, exist_ok=True)
     if args.demo:
-        args.data_path = ensure_demo_dataset()
+        ensure_demo_dataset(args.data_path)
         log(f'demo run on generated images in {args.data_path} (pass --data_path for real data)')
     return device
 
 
-def compile_blocks(args, device, *block_lists):
-    """torch.compile every transformer block in place when --compile (default: on CUDA). Per block rather than
-    the whole model: one small graph reused by every block, and state-dict keys unchanged. Shapes are static
-    (the kept-patch count is fixed): without dynamic=False, the MAE decoder's blocks, the encoder's class at
-    another sequence length, would turn the encoder's graph into a slower dynamic-shape one."""
-    if args.compile is None:
-        args.compile = device.type == 'cuda'
+def compile_blocks(args, *block_lists):
+    """torch.compile every transformer block in place when --compile (util.config: on by default on CUDA). Per block
+    rather than the whole model: one small graph reused by every block, and state-dict keys unchanged. Shapes are
+    static (the kept-patch count is fixed): without dynamic=False, the MAE decoder's blocks, the encoder's class
+    at another sequence length, would turn the encoder's graph into a slower dynamic-shape one."""
     if args.compile:
         for blocks in block_lists:
             for block in blocks:
                 block.compile(dynamic=False)
 
 
-def set_lr_from_batch(args):
-    """lr = blr x effective batch / 256 unless --lr was given; logs both."""
-    eff_batch = args.batch_size * args.accum_iter * world_size()
-    if args.lr is None:
-        args.lr = args.blr * eff_batch / 256
-    log(f'effective batch {eff_batch} = {args.batch_size} x {args.accum_iter} accumulation x {world_size()} '
-        f'processes; lr {args.lr:.3e} (blr {args.blr:.3e}); precision {args.precision}')
-    return eff_batch
-
-
 def prepare_training(args, model, device, build_optimizer):
-    """The lr from the effective batch, then (the model wrapped for DDP, its optimizer, the gradient scaler)."""
-    set_lr_from_batch(args)
+    """(the model wrapped for DDP, its optimizer, the gradient scaler)."""
     return wrap_ddp(model, device, args), build_optimizer(args, model), grad_scaler(args.precision, device)
 
 
@@ -104,7 +90,7 @@ def open_logger(args, start_epoch):
     """Write and print the resolved configuration (config.json also records the software); say so when a
     resumed run has nothing left to train."""
     logger = RunLogger(args.output_dir, args.log_dir)
-    config = plain_args(args)
+    config = plain(args)
     logger.config({**config, 'software': software()})
     log('config: ' + ' '.join(f'{k}={v}' for k, v in sorted(config.items())))
     if start_epoch >= args.epochs:

@@ -12,7 +12,7 @@ from conftest import pretrain_argv, run_cli
 from util.checkpoint import load_checkpoint
 from util.cli import parse_args
 from util.errors import UserError
-from util.clip_teacher import build_random_teacher
+from models_clip import build_random_teacher
 
 
 def run(argv):

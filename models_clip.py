@@ -3,25 +3,19 @@
 We reimplement the visual tower instead of calling openai-clip's, because its forward returns only the
 class token, and MILAN needs every token's projected feature plus the class-token attention row of the
 last block. Our forward produces both in one pass with fused attention; parameter names match OpenAI's
-`visual.*` keys (minus the prefix), so OpenAI's checkpoints load into it unchanged.
+`visual.*` keys (minus the prefix), so OpenAI's checkpoints load into it unchanged. Finding, downloading and
+reading those checkpoints is util/clip_weights.py's.
 """
-import hashlib
-import http.client
-import os
-import tempfile
-import urllib.error
-import urllib.request
-import warnings
-import zipfile
 from collections import OrderedDict
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from util.clip_weights import clip_visual_weights
 from util.errors import UserError
 from util.logger import log
-from util.pretrained import load_failure, strip_prefixes
 
 
 class QuickGELU(nn.Module):
@@ -118,7 +112,7 @@ class ClipTeacher(nn.Module):
         return super().train(False)
 
     @torch.no_grad()
-    def forward(self, images):
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images [B, 3, S, S], normalised -> targets [B, 1+L, output_dim], importance [B, L] float32."""
         if tuple(images.shape[-2:]) != (self.input_size, self.input_size):
             raise UserError(f'the CLIP teacher takes {self.input_size}x{self.input_size} images but got '
@@ -140,127 +134,21 @@ class ClipTeacher(nn.Module):
         return x @ self.proj, importance[:, 1:]
 
 
-def build_random_teacher(patch_size, grid_size, width=64, layers=2, output_dim=64, average_targets=1, seed=0):
+def build_random_teacher(patch_size: int, grid_size: int, width: int = 64, layers: int = 2, output_dim: int = 64,
+                         average_targets: int = 1, seed: int = 0) -> ClipTeacher:
     """A randomly initialised teacher for runs without CLIP weights (CPU demo, tests); leaves the global RNG alone."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return ClipTeacher(width, layers, patch_size, grid_size, output_dim, average_targets)
 
 
-def check_patch_grid(teacher, patch_size, grid_size):
+def check_patch_grid(teacher: ClipTeacher, patch_size: int, grid_size: int) -> None:
     """Targets are per patch, so teacher and student must cut the image into the same grid."""
     if (teacher.patch_size, teacher.grid_size) != (patch_size, grid_size):
         raise UserError(
             f'teacher CLIP ViT uses {teacher.patch_size}px patches on a {teacher.grid_size}x{teacher.grid_size} '
             f'grid but the student uses {patch_size}px patches on a {grid_size}x{grid_size} grid; '
             f'pick a student --model/--input_size with the same grid')
-
-
-# OpenAI's published CLIP ViT checkpoints, as in the openai-clip package (a test compares the two), so
-# that the runtime does not need that package. The URL's second-to-last component is the file's SHA-256.
-_OPENAI = 'https://openaipublic.azureedge.net/clip/models'
-CLIP_MODEL_URLS = {
-    'ViT-B/32': f'{_OPENAI}/40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt',
-    'ViT-B/16': f'{_OPENAI}/5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt',
-    'ViT-L/14': f'{_OPENAI}/b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt',
-    'ViT-L/14@336px':
-        f'{_OPENAI}/3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt',
-}
-# OpenAI's ResNet CLIPs: named only to tell their users that the teacher must be a ViT.
-CLIP_RESNETS = ('RN50', 'RN101', 'RN50x4', 'RN50x16', 'RN50x64')
-
-
-def _sha256(path):
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-DOWNLOAD_TIMEOUT_S = 60  # a stalled connection fails instead of hanging the run
-
-
-def download_clip(name, cache_dir):
-    """Fetch OpenAI's checkpoint `name` into cache_dir once, verified against its published SHA-256."""
-    url = CLIP_MODEL_URLS[name]
-    expected = url.split('/')[-2]
-    os.makedirs(cache_dir, exist_ok=True)
-    target = os.path.join(cache_dir, os.path.basename(url))
-    if os.path.isfile(target):
-        if not os.access(target, os.R_OK):
-            raise UserError(f'{target} exists but you cannot read it; ask its owner to run chmod a+r on it, or pass '
-                            f'--clip_cache with a folder of your own')
-        if _sha256(target) == expected:
-            return target
-
-    print(f'downloading CLIP {name} to {target}', flush=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=os.path.basename(url) + '.', suffix='.part')
-    try:
-        h = hashlib.sha256()
-        with os.fdopen(fd, 'wb') as out, urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as src:
-            while chunk := src.read(1 << 20):
-                h.update(chunk)
-                out.write(chunk)
-        if h.hexdigest() != expected:
-            raise UserError(f'CLIP {name} downloaded from {url} has SHA-256 {h.hexdigest()}, expected {expected}; '
-                            f'retry, or download it yourself and pass the file path')
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide a shared cache from its other users
-        os.replace(tmp, target)
-    except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
-        raise UserError(f'could not download CLIP {name} from {url} ({e}); '
-                        f'check the network or download it yourself and pass the file path') from e
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return target
-
-
-def _is_torchscript(path):
-    """OpenAI's .pt files are TorchScript archives: zips holding compiled code and constants."""
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as z:
-        return any(n.endswith('constants.pkl') or '/code/' in n for n in z.namelist())
-
-
-def _read_state_dict(path):
-    """The raw tensors of a TorchScript archive or a plain (optionally {'state_dict': ...}-wrapped) state dict."""
-    try:
-        if _is_torchscript(path):
-            with warnings.catch_warnings():
-                warnings.simplefilter('ignore', FutureWarning)  # torch.jit.load is deprecated, still works
-                return torch.jit.load(path, map_location='cpu').state_dict()
-        obj = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        raise UserError(f'cannot read {path} as a PyTorch checkpoint ({load_failure(e, path)}); it may be truncated or '
-                        f'not a PyTorch file at all (e.g. an HTML page saved by a failed download): pass OpenAI\'s '
-                        f'CLIP .pt file or a CLIP state-dict file') from None
-    if isinstance(obj, dict) and isinstance(obj.get('state_dict'), dict):
-        obj = obj['state_dict']
-    if not isinstance(obj, dict):
-        raise UserError(f'{path} holds a {type(obj).__name__}, not a state dict; '
-                        f'pass OpenAI\'s CLIP .pt file or a CLIP state-dict file')
-    return obj
-
-
-def _visual_state_dict(raw, path):
-    """Strip `visual.` (dropping the text tower) or accept already-stripped keys, after any DDP/compile
-    prefixes; refuse anything else."""
-    raw = strip_prefixes(raw)
-    if any(k.startswith('visual.') for k in raw):
-        sd = {k[len('visual.'):]: v for k, v in raw.items() if k.startswith('visual.')}
-    else:
-        sd = raw
-    if 'attnpool.positional_embedding' in sd:
-        raise UserError(f'{path} is a ResNet CLIP; only ViT CLIP models are supported, pass e.g. ViT-B/16')
-    required = ('conv1.weight', 'class_embedding', 'positional_embedding', 'proj')
-    if not all(isinstance(sd.get(k), torch.Tensor) for k in required):
-        raise UserError(f'{path} is not a CLIP ViT checkpoint (no visual.conv1.weight/visual.proj keys); '
-                        f'pass OpenAI\'s CLIP .pt file or a CLIP state-dict file')
-    return {k: v.float() for k, v in sd.items() if isinstance(v, torch.Tensor)}
 
 
 def _teacher_from_state_dict(sd, path, average_targets=1):
@@ -286,24 +174,13 @@ def _teacher_from_state_dict(sd, path, average_targets=1):
     return teacher
 
 
-def load_clip_teacher(name_or_path, cache_dir, average_targets=1):
+def load_clip_teacher(name_or_path: str, cache_dir: str, average_targets: int = 1) -> ClipTeacher:
     """A frozen fp32 teacher on CPU from an OpenAI model name (downloaded into cache_dir) or a local file."""
-    path = name_or_path
-    if not os.path.exists(path):
-        if name_or_path in CLIP_RESNETS:
-            raise UserError(f'CLIP model {name_or_path} is a ResNet; only ViT CLIP models are supported, '
-                            f'pass e.g. ViT-B/16')
-        if name_or_path not in CLIP_MODEL_URLS:
-            raise UserError(f'CLIP teacher {name_or_path!r} is neither an existing file nor a CLIP model name; '
-                            f'pass a checkpoint path or one of: {", ".join(CLIP_MODEL_URLS)}')
-        path = download_clip(name_or_path, cache_dir)
-    if not os.path.isfile(path):
-        raise UserError(f'CLIP teacher {path} is not a file; pass a checkpoint file or a CLIP model name')
-    sd = _visual_state_dict(_read_state_dict(path), path)
+    sd, path = clip_visual_weights(name_or_path, cache_dir)
     return _teacher_from_state_dict(sd, path, average_targets)
 
 
-def build_teacher(flags, patch_size, grid_size):
+def build_teacher(flags, patch_size: int, grid_size: int) -> Optional[ClipTeacher]:
     """The frozen teacher that a run's flags (use_clip, clip_model, clip_cache, average_targets: a Namespace)
     name, on the CPU, for a student cutting `grid_size`^2 patches of `patch_size`; None for the pixel target."""
     if not flags.use_clip:

@@ -1,34 +1,55 @@
-"""The training epoch every entry point shares: per-step lr schedule, gradient accumulation without
-all-reduce on the accumulating steps, mixed precision, and checks without a host sync per step."""
+"""The training epoch every entry point shares: per-step lr schedule, gradient accumulation without all-reduce on
+the accumulating steps, mixed precision, checks without a host sync per step, and stop and periodic-save
+requests. What a step computes is the caller's `batch_loss` (engine_pretrain, engine_finetune); the epoch loop
+around this is inline in each main_*.py."""
 import contextlib
+import dataclasses
 import datetime
 import time
+from typing import Any, Callable, Optional
 
 import torch
 
-from util.errors import UserError
+from util.data import BadImages
 from util.distributed import all_reduce_any, all_reduce_mean, all_reduce_sum, is_main, world_size
-from util.logger import log
+from util.errors import UserError
+from util.logger import RunLogger, log
 from util.lr_sched import cosine_lr, set_lr
 from util.precision import autocast
 from util.preemption import STOP
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochStats:
+    """What train_epoch did: the mean loss of the iterations it ran, the last lr, the throughput; for the epoch
+    loop, the iterations of the epoch done and whether a stop request ended the epoch early (it is saved)."""
+    loss: float
+    lr: float
+    images_per_sec: float
+    iters_done: int
+    stopped: bool
+
+    def logged(self) -> dict:
+        """The statistics that go to log.txt, named for it (the loop's bookkeeping stays out)."""
+        return {'train_loss': self.loss, 'train_lr': self.lr, 'train_images_per_sec': self.images_per_sec}
 
 
 def _hms(seconds):
     return str(datetime.timedelta(seconds=int(seconds)))
 
 
-def train_epoch(model, loader, compute_loss, optimizer, scaler, epoch, args, device, logger,
-                start_iter=0, stop=None, bad_images=None, save=None):
-    """Run one epoch from iteration `start_iter`; `compute_loss(batch)` returns one batch's loss (called
-    under autocast). Batches are (images, labels, unreadable paths) from util.data.train_loader.
+def train_epoch(model: torch.nn.Module, loader, batch_loss: Callable[[Any], torch.Tensor],
+                optimizer: torch.optim.Optimizer, scaler, epoch: int, args, device: torch.device,
+                logger: RunLogger, start_iter: int = 0, bad_images: Optional[BadImages] = None,
+                save: Optional[Callable[[int, int], None]] = None) -> EpochStats:
+    """Run one epoch from iteration `start_iter`; `batch_loss(batch)` returns one batch's loss (called under
+    autocast). Batches are (images, labels, unreadable paths) from util.data.train_loader.
 
     Every --print_freq iterations, at an optimizer-step boundary, all processes agree on: a non-finite loss
-    (stop before anything is saved), a stop request (return early, to be checkpointed), whether
-    --save_every_min minutes passed since the last save (then `save(epoch, iters_done)` runs), too many
-    unreadable images; and the loss is logged. An incomplete accumulation window at the end of the epoch
-    is dropped. Returns {'loss', 'lr', 'images_per_sec'} (the epoch's statistics, `logged`), and for the
-    epoch loop 'iters_done' (iterations of the epoch done), 'stopped' (by a stop request) and 'epoch_done'.
+    (stop before anything is saved), a stop request (util.preemption.STOP: `save(epoch, iterations done)`, a
+    line, and return early), whether --save_every_min minutes passed since the last save (then `save` runs
+    too), too many unreadable images; and the loss is logged. An incomplete accumulation window at the end of
+    the epoch is dropped.
     """
     model.train()
     accum = args.accum_iter
@@ -58,7 +79,7 @@ def train_epoch(model, loader, compute_loss, optimizer, scaler, epoch, args, dev
         sync = contextlib.nullcontext() if update or not args.distributed else model.no_sync()
         with sync:
             with autocast(args.precision, device):
-                loss = compute_loss(batch)
+                loss = batch_loss(batch)
             scaler.scale(loss / accum).backward()
         if update:
             if args.clip_grad:
@@ -76,7 +97,7 @@ def train_epoch(model, loader, compute_loss, optimizer, scaler, epoch, args, dev
         if update and (window_iters >= args.print_freq or it + 1 == num_iters):
             # the main process's clock decides when a periodic save is due, so all processes save together
             save_due = save is not None and is_main() and time.time() - last_save > 60 * args.save_every_min
-            requests = torch.tensor([stop is not None and stop.requested, save_due], device=device)
+            requests = torch.tensor([STOP.requested, save_due], device=device)
             bad_loss, stopped, save_due = all_reduce_any(torch.cat([nonfinite[None], requests]))
             if bad_loss:
                 raise UserError(f'the loss became NaN or infinite in epoch {epoch}, iteration {it}; nothing '
@@ -92,52 +113,28 @@ def train_epoch(model, loader, compute_loss, optimizer, scaler, epoch, args, dev
             per_iter = images_per_iter / speed
             log(f'epoch {epoch} [{it + 1}/{num_iters}] loss {window_loss:.4f} lr {lr:.3e} {speed:.1f} img/s, '
                 f'eta epoch {_hms(left * per_iter)} run {_hms(run_left * per_iter)}')
-            if save_due and not stopped and it + 1 < num_iters:
+            # a stop on the epoch's last iteration lets the loop end the epoch properly (evaluation, its save)
+            stopped = stopped and it + 1 < num_iters
+            if save is not None and (stopped or (save_due and it + 1 < num_iters)):
                 save(epoch, it + 1)
                 last_save = time.time()
+            if stopped:
+                log(f'stopped in epoch {epoch} after iteration {it + 1}, checkpoint saved; run the same command '
+                    f'again to continue from there')
+                break
             window_sum.zero_()
             window_iters, window_start = 0, time.time()
-            if stopped:
-                break
 
     done = it + 1 - start_iter
-    return {'loss': all_reduce_mean(loss_sum).item() / max(done, 1), 'lr': lr,
-            'images_per_sec': done * images_per_iter / (time.time() - epoch_start),
-            'iters_done': it + 1, 'stopped': stopped, 'epoch_done': it + 1 == num_iters}
+    return EpochStats(loss=all_reduce_mean(loss_sum).item() / max(done, 1), lr=lr,
+                      images_per_sec=done * images_per_iter / (time.time() - epoch_start), iters_done=it + 1,
+                      stopped=stopped)
 
 
-LOGGED = ('loss', 'lr', 'images_per_sec')
-
-
-def logged(stats):
-    """The statistics of train_epoch's result that go to log.txt, named for it."""
-    return {f'train_{k}': stats[k] for k in LOGGED}
-
-
-def train_epochs(args, loader, start, run_epoch, after_epoch, save):
-    """The epoch loop of every entry point, from `start` = (epoch, iteration) of a resume.
-
-    run_epoch(epoch, start_iter, stop, save) -> stats from train_epoch; after_epoch(epoch, stats) evaluates
-    and logs; save(epoch, resume_iter) checkpoints (resume_iter > 0: mid-epoch). On a stop signal the run
-    saves where it stopped and returns False; rerunning the same command continues from there.
-    """
-    if all_reduce_sum(int(STOP.requested)):
-        log('stopped before training started, nothing new to save; run the same command again to go on')
+def stop_requested(where: str) -> bool:
+    """Whether any process was asked to stop (a signal between epochs or before the first); logs where the run
+    stopped. All processes call it together."""
+    if not all_reduce_sum(int(STOP.requested)):
         return False
-    start_epoch, start_iter = start
-    for epoch in range(start_epoch, args.epochs):
-        loader.sampler.set_epoch(epoch, start_iter)
-        stats = run_epoch(epoch, start_iter, STOP, save)
-        if stats['stopped'] and not stats['epoch_done']:
-            save(epoch, stats['iters_done'])
-            log(f'stopped in epoch {epoch} after iteration {stats["iters_done"]}, checkpoint saved; run the same '
-                f'command again to continue from there')
-            return False
-        start_iter = 0
-        after_epoch(epoch, stats)
-        save(epoch, 0)
-        # a signal during the epoch's last steps or its evaluation: the epoch's checkpoint is the place to stop
-        if epoch + 1 < args.epochs and all_reduce_sum(int(STOP.requested)):
-            log(f'stopped after epoch {epoch}, checkpoint saved; run the same command again to continue')
-            return False
+    log(f'stopped {where}; run the same command again to continue')
     return True

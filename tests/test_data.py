@@ -1,0 +1,343 @@
+"""util/data.py: image folders, the seeded training sampler and loader, unreadable images, eval shards, transforms."""
+import random
+import signal
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+import util.data as data
+from util.data import (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, BadImages, EncodedImages, ShardSampler,
+                       TrainSampler, TrainSet, eval_loader, eval_transform, image_folder, init_worker,
+                       linprobe_transform, pretrain_transform, renormalize, to_device_normalized, train_loader)
+from util.errors import LocalError, UserError
+
+CLASSES = ('ants', 'bees')
+
+
+def write_jpegs(folder, count, seed=0, size=(40, 48)):
+    """`count` real JPEG files of random noise (each one different) in `folder`; returns their paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(count):
+        path = folder / f'img_{i:02d}.JPEG'
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path, quality=90)
+        paths.append(str(path))
+    return paths
+
+
+@pytest.fixture(scope='module')
+def jpeg_data(tmp_path_factory):
+    """train/{ants,bees}/ with 6 JPEGs each (12 training images) and val/ with 3 each."""
+    root = tmp_path_factory.mktemp('jpegs')
+    for k, name in enumerate(CLASSES):
+        write_jpegs(root / 'train' / name, 6, seed=k)
+        write_jpegs(root / 'val' / name, 3, seed=10 + k)
+    return str(root)
+
+
+def simulate_ranks(monkeypatch, rank, world):
+    """What util.data reads from util.distributed, as on process `rank` of `world` (no process group)."""
+    monkeypatch.setattr(data, 'rank', lambda: rank)
+    monkeypatch.setattr(data, 'world_size', lambda: world)
+
+
+def epoch_batches(loader, epoch, start_batch=0):
+    loader.sampler.set_epoch(epoch, start_batch)
+    return list(loader)
+
+
+def assert_same_batches(got, expected):
+    assert len(got) == len(expected)
+    for (images, labels, bad), (images_, labels_, bad_) in zip(got, expected):
+        assert torch.equal(images, images_) and torch.equal(labels, labels_) and bad == bad_
+
+
+class ThreadsAndSignals(Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        return torch.tensor([torch.get_num_threads(), signal.getsignal(signal.SIGTERM) == signal.SIG_IGN,
+                             signal.getsignal(signal.SIGINT) == signal.SIG_IGN])
+
+
+def test_loader_workers_run_one_thread_and_ignore_stop_signals(tiny_data):
+    torch.set_num_threads(2)
+    try:
+        batch = next(iter(DataLoader(ThreadsAndSignals(), batch_size=2, num_workers=1, worker_init_fn=init_worker)))
+    finally:
+        torch.set_num_threads(1)
+    assert batch.tolist() == [[1, 1, 1], [1, 1, 1]]
+    from util.data import image_folder, pretrain_transform
+    folder = image_folder(tiny_data, 'train', pretrain_transform(32))
+    assert train_loader(folder, 8, 1, False, 0).worker_init_fn is init_worker
+    assert eval_loader(folder, 8, 1, False).worker_init_fn is init_worker
+
+
+# The training sampler ------------------------------------------------------------------------------------
+
+def test_train_sampler_order_is_a_function_of_seed_and_epoch():
+    """Each epoch is a permutation of the whole dataset, keyed (index, epoch); the same seed and epoch give the
+    same order (a restarted run replays it), another epoch or seed another one."""
+    def order(seed, epoch):
+        sampler = TrainSampler(12, 3, seed)
+        sampler.set_epoch(epoch)
+        keys = list(sampler)
+        assert {e for _, e in keys} == {epoch} and len(sampler) == 12 and sampler.batches_per_epoch == 4
+        return [i for i, _ in keys]
+
+    assert sorted(order(0, 0)) == list(range(12))
+    assert order(0, 0) == order(0, 0) and order(5, 3) == order(5, 3)
+    assert order(0, 0) != order(0, 1)
+    assert order(0, 0) != order(1, 0)
+    assert order(0, 0) != list(range(12))  # shuffled
+
+
+def test_train_sampler_resumes_after_start_batch_with_exactly_the_rest():
+    full = TrainSampler(12, 3, seed=7)
+    full.set_epoch(4)
+    keys = list(full)
+    for start_batch in range(5):
+        resumed = TrainSampler(12, 3, seed=7)
+        resumed.set_epoch(4, start_batch)
+        assert list(resumed) == keys[3 * start_batch:]
+        assert len(resumed) == 12 - 3 * start_batch
+        assert resumed.batches_per_epoch == 4  # the epoch's length, not what is left of it
+    full.set_epoch(5)  # a new epoch starts at its beginning again
+    assert len(list(full)) == 12
+
+
+@pytest.mark.parametrize('length,world', [(12, 2), (12, 3), (13, 2), (10, 4)])
+def test_train_sampler_shards_the_epoch_over_processes(monkeypatch, length, world):
+    """The ranks' shards are equally long, disjoint up to DistributedSampler's padding of a remainder, and
+    together hold every image; a rank's resumed shard is the rest of its own shard."""
+    shards = []
+    for r in range(world):
+        simulate_ranks(monkeypatch, r, world)
+        sampler = TrainSampler(length, 2, seed=0)
+        sampler.set_epoch(1)
+        shards.append([i for i, _ in sampler])
+        sampler.set_epoch(1, 1)
+        assert [i for i, _ in sampler] == shards[-1][2:]
+    per_rank = -(-length // world)
+    assert all(len(s) == per_rank for s in shards)
+    everything = [i for s in shards for i in s]
+    assert set(everything) == set(range(length))
+    assert len(everything) - len(set(everything)) == per_rank * world - length  # only the padding repeats
+
+
+def test_train_loader_refuses_a_dataset_smaller_than_one_batch_per_process(jpeg_data, monkeypatch):
+    folder = image_folder(jpeg_data, 'train', pretrain_transform(16))
+    assert train_loader(folder, 12, 0, False, 0).sampler.batches_per_epoch == 1
+    simulate_ranks(monkeypatch, 0, 2)
+    with pytest.raises(UserError, match=r'^the dataset has 12 images, fewer than one batch of 8 per process x 2 '
+                                        r'processes; lower --batch_size$'):
+        train_loader(folder, 8, 0, False, 0)
+
+
+# The training loader -------------------------------------------------------------------------------------
+
+def test_train_loader_replays_an_interrupted_epoch_exactly(jpeg_data):
+    """Same seed and epoch: the same images, augmented alike, in the same order; resumed after 2 of 4 batches,
+    a new loader yields exactly the last 2 batches of the uninterrupted epoch. Another epoch draws other crops."""
+    folder = image_folder(jpeg_data, 'train', pretrain_transform(16))
+    loader = train_loader(folder, 3, 0, False, seed=3)
+    full = epoch_batches(loader, 2)
+    assert len(full) == 4
+    for images, labels, bad in full:
+        assert images.shape == (3, 3, 16, 16) and images.dtype == torch.uint8 and labels.shape == (3,) and bad == []
+    assert sorted(torch.cat([labels for _, labels, _ in full]).tolist()) == [0] * 6 + [1] * 6
+    assert_same_batches(epoch_batches(train_loader(folder, 3, 0, False, seed=3), 2), full)
+    assert_same_batches(epoch_batches(train_loader(folder, 3, 0, False, seed=3), 2, start_batch=2), full[2:])
+    by_index = {i: image for (i, _), image in zip(loader.sampler, torch.cat([b[0] for b in full]))}
+    other = epoch_batches(loader, 3)
+    for (i, epoch), image in zip(loader.sampler, torch.cat([b[0] for b in other])):
+        assert epoch == 3 and not torch.equal(image, by_index[i]), i  # the same image, cropped anew
+
+
+def test_train_loader_leaves_the_global_rngs_alone(jpeg_data):
+    """The masking draws on the global RNGs: loading (shuffle and augmentation) must not move them."""
+    folder = image_folder(jpeg_data, 'train', pretrain_transform(16))
+    loader = train_loader(folder, 4, 0, False, seed=0)
+    torch.manual_seed(123)
+    np.random.seed(123)
+    random.seed(123)
+    states = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+    epoch_batches(loader, 0)
+    assert torch.equal(torch.get_rng_state(), states[0])
+    assert np.array_equal(np.random.get_state()[1], states[1]) and random.getstate() == states[2]
+
+
+def test_train_batches_do_not_depend_on_the_worker_count(jpeg_data):
+    folder = image_folder(jpeg_data, 'train', pretrain_transform(16))
+    in_process = epoch_batches(train_loader(folder, 4, 0, False, seed=1), 1)
+    assert_same_batches(epoch_batches(train_loader(folder, 4, 2, False, seed=1), 1), in_process)
+
+
+def test_encoded_batches_carry_the_crops_and_flips_the_decoding_pipeline_draws(jpeg_data):
+    """--gpu_decode's loader (input_size given) hands over the files' bytes and the crop and flip that the CPU
+    pipeline would apply: cropping the file by hand with them gives the CPU pipeline's image bit for bit."""
+    folder = image_folder(jpeg_data, 'train', pretrain_transform(16))
+    decoded = epoch_batches(train_loader(folder, 4, 0, False, seed=2), 0)
+    encoded = epoch_batches(train_loader(folder, 4, 0, False, seed=2, input_size=16), 0)
+    assert len(encoded) == len(decoded) == 3
+    for (images, labels, _), (batch, labels_, bad) in zip(decoded, encoded):
+        assert isinstance(batch, EncodedImages) and torch.equal(labels, labels_) and bad == []
+        assert batch.crops.shape == (4, 5) and batch.crops.dtype == torch.int64
+        for image, raw, (top, left, h, w, flip), path in zip(images, batch.data, batch.crops.tolist(), batch.paths):
+            with open(path, 'rb') as f:
+                assert raw.dtype == torch.uint8 and raw.numpy().tobytes() == f.read()
+            crop = TF.resized_crop(Image.open(path).convert('RGB'), top, left, h, w, [16, 16],
+                                   InterpolationMode.BICUBIC, antialias=True)
+            assert flip in (0, 1)
+            assert torch.equal(TF.pil_to_tensor(TF.hflip(crop) if flip else crop), image)
+    crops = [tuple(crop) for batch, _, _ in encoded for crop in batch.crops.tolist()]
+    assert len(set(crops)) == len(crops)  # each image its own draw (all files have one size)
+    assert {flip for *_, flip in crops} == {0, 1}
+
+
+# Unreadable images ---------------------------------------------------------------------------------------
+
+def test_an_unreadable_image_is_replaced_by_the_next_and_reported(tmp_path):
+    paths = write_jpegs(tmp_path / 'train' / 'ants', 4)
+    with open(paths[1], 'wb') as f:
+        f.write(b'not a jpeg at all')
+    folder = image_folder(str(tmp_path), 'train', pretrain_transform(16))
+    dataset = TrainSet(folder, seed=0)
+    image, label, bad = dataset[(1, 0)]
+    assert bad == [paths[1]] and label == 0
+    assert torch.equal(image, dataset[(2, 0)][0])  # the next image, under its own seed
+    assert dataset[(0, 0)][2] == []
+    batches = epoch_batches(train_loader(folder, 4, 0, False, seed=0), 0)
+    assert [b for _, _, b in batches] == [[paths[1]]]  # the batch names the file it skipped
+
+
+def test_only_unreadable_images_is_one_line_naming_the_first(tmp_path):
+    paths = write_jpegs(tmp_path / 'train' / 'ants', 3)
+    for path in paths:
+        with open(path, 'wb') as f:
+            f.write(b'\xff\xd8\xff truncated')
+    dataset = TrainSet(image_folder(str(tmp_path), 'train', pretrain_transform(16)), seed=0)
+    with pytest.raises(LocalError) as error:
+        dataset[(1, 0)]
+    message = str(error.value)
+    assert message.startswith(f'3 consecutive unreadable images from {paths[1]}; is ') and '\n' not in message
+
+
+def test_bad_images_are_logged_once_and_stop_the_run_past_the_threshold(capsys):
+    bad = BadImages(dataset_size=10, max_frac=0.2)
+    assert bad.check() == 0
+    bad.add(['/d/train/b/2.JPEG', '/d/train/a/1.JPEG'])
+    bad.add(['/d/train/a/1.JPEG'])  # met again before the check
+    assert bad.check() == 2  # 2 of 10: at the threshold, not past it
+    bad.add(['/d/train/b/2.JPEG'])  # met again in a later epoch
+    assert bad.check() == 2
+    out = capsys.readouterr().out
+    assert out.count('skipping unreadable image /d/train/a/1.JPEG') == 1
+    assert out.count('skipping unreadable image /d/train/b/2.JPEG') == 1
+    bad.add(['/d/train/c/3.JPEG'])
+    with pytest.raises(UserError) as error:
+        bad.check()
+    message = str(error.value)
+    assert '\n' not in message
+    assert message.startswith('3 of 10 training images are unreadable (such as /d/train/a/1.JPEG), more than '
+                              '--max_bad_frac 0.2;')
+    assert BadImages(dataset_size=10, max_frac=0.0).check() == 0  # a clean dataset passes a zero threshold
+
+
+# Evaluation shards ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('length', [1, 7, 15, 16])
+@pytest.mark.parametrize('world', [1, 2, 3, 4])
+def test_shards_cover_every_index_exactly_once(length, world):
+    shards = [list(ShardSampler(length, r, world)) for r in range(world)]
+    assert sorted(i for s in shards for i in s) == list(range(length))  # no padding duplicates, none left out
+    assert [len(ShardSampler(length, r, world)) for r in range(world)] == [len(s) for s in shards]
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+def test_eval_loader_shards_over_the_processes_without_dropping_or_padding(monkeypatch):
+    dataset = TensorDataset(torch.arange(15))
+    seen = []
+    for r in range(2):
+        simulate_ranks(monkeypatch, r, 2)
+        batches = [b.tolist() for (b,) in eval_loader(dataset, 4, 0, False)]
+        assert [len(b) for b in batches] == ([4, 4] if r == 0 else [4, 3])  # the last batch is kept
+        seen += [i for b in batches for i in b]
+    assert sorted(seen) == list(range(15))
+
+
+# Image folders -------------------------------------------------------------------------------------------
+
+def test_image_folder_reads_the_imagenet_layout(jpeg_data):
+    folder = image_folder(jpeg_data, 'val', None)
+    assert folder.classes == list(CLASSES) and len(folder) == 6
+    image, label = folder[4]
+    assert image.mode == 'RGB' and image.size == (40, 48) and label == 1
+
+
+def test_image_folder_errors_are_one_line(tmp_path):
+    with pytest.raises(UserError, match=f'^no folder {tmp_path / "train"}: --data_path must hold '
+                                        r'train/<class>/<images> \(the ImageNet layout\)$'):
+        image_folder(str(tmp_path), 'train', None)
+    (tmp_path / 'val').mkdir()  # no class folders
+    with pytest.raises(UserError) as error:
+        image_folder(str(tmp_path), 'val', None)
+    assert str(error.value).startswith(f'no images under {tmp_path / "val"} (')
+    assert str(error.value).endswith('); --data_path must hold val/<class>/<images>')
+    (tmp_path / 'val' / 'ants').mkdir()  # a class folder without images
+    (tmp_path / 'val' / 'ants' / 'notes.txt').write_text('not an image')
+    with pytest.raises(UserError, match=f'^no images under {tmp_path / "val"} '):
+        image_folder(str(tmp_path), 'val', None)
+
+
+# Transforms and normalisation ----------------------------------------------------------------------------
+
+def test_pretrain_transform_makes_uint8_crops():
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 70, 3), dtype=np.uint8))
+    out = pretrain_transform(32)(image)
+    assert out.shape == (3, 32, 32) and out.dtype == torch.uint8
+
+
+@pytest.mark.parametrize('transform', [eval_transform, linprobe_transform], ids=['eval', 'linprobe'])
+def test_classification_transforms_make_normalised_float_images(transform):
+    """A flat colour stays flat through any crop and resize: its tensor is (colour / 255 - mean) / std."""
+    colour = (200, 100, 30)
+    out = transform(32)(Image.new('RGB', (70, 48), colour))
+    assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+    expected = (torch.tensor(colour) / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    torch.testing.assert_close(out, expected[:, None, None].expand(3, 32, 32), rtol=0, atol=1e-5)
+
+
+def test_eval_transform_is_a_resize_and_centre_crop():
+    """Input 32: the short side resized to 32 / 0.875 = 36 (keeping the aspect), then the centre 32 x 32. A 72 x 36
+    picture already has that short side: the output is its pixels [2:34, 20:52], normalised."""
+    pixels = np.random.default_rng(0).integers(0, 256, (36, 72, 3), dtype=np.uint8)
+    out = eval_transform(32)(Image.fromarray(pixels))
+    assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+    crop = torch.from_numpy(pixels[2:34, 20:52]).permute(2, 0, 1) / 255
+    expected = (crop - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+
+
+def test_normalisation_on_the_device_and_renormalisation_agree():
+    images = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    x = to_device_normalized(images, torch.device('cpu'))
+    assert x.dtype == torch.float32 and x.shape == images.shape
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(x, (images.double() / 255 - mean.double()) / std.double(), check_dtype=False,
+                               rtol=0, atol=1e-5)
+    clip = to_device_normalized(images, torch.device('cpu'), CLIP_MEAN, CLIP_STD)
+    torch.testing.assert_close(renormalize(x, IMAGENET_MEAN, IMAGENET_STD, CLIP_MEAN, CLIP_STD), clip,
+                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(renormalize(clip, CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD), x,
+                               rtol=0, atol=1e-5)
+    assert not torch.allclose(clip, x, atol=1e-2)  # the two normalisations really differ
+    # OpenAI CLIP's preprocessing constants
+    assert CLIP_MEAN == (0.48145466, 0.4578275, 0.40821073) and CLIP_STD == (0.26862954, 0.26130258, 0.27577711)
