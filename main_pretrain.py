@@ -2,6 +2,7 @@
 masked view of the image. Without --data_path it runs a small CPU demo on generated images."""
 import datetime
 import functools
+import os
 import time
 
 import torch
@@ -10,7 +11,7 @@ import engine
 import engine_pretrain
 import models_milan
 import visualize
-from models_clip import build_teacher
+from models_teacher import build_teacher
 from util import cli, config, runtime
 from util.checkpoint import find_resume, resume_training, save_training
 from util.data import BadImages, image_folder, pretrain_transform, train_loader
@@ -23,7 +24,8 @@ KIND = 'pretrain'
 METHOD = models_milan.FLAG_DEFAULTS
 # A resumed run must build the same model as the checkpoint's and train it by the same method.
 RESUME_FLAGS = ('model', 'input_size', 'use_clip', 'change_decoder', 'mask_ratio', 'attn_mask')
-TEACHER_FLAGS = ('clip_model', 'average_targets', 'teacher_input_norm')  # what defines the CLIP target
+# what defines the teacher's target
+TEACHER_FLAGS = ('clip_model', 'teacher_weights', 'teacher_input_size', 'average_targets', 'teacher_input_norm')
 PIXEL_FLAGS = ('norm_pix_loss',)  # what defines the pixel target
 
 # The demo: a tiny ViT and a random tiny CLIP teacher on generated 64x64 images, ~20 s on 2 CPU cores.
@@ -41,23 +43,32 @@ def get_args_parser():
                    help='student size (mae_vit_tiny_patch8 is the demo\'s)')
     g.add_argument('--mask_ratio', type=float, default=METHOD['mask_ratio'],
                    help='fraction of patches hidden from the encoder')
-    cli.bool_flag(g, 'use_clip', 'predict the CLIP teacher\'s per-token features instead of pixels')
+    cli.bool_flag(g, 'use_clip', 'predict the teacher\'s (--clip_model) per-token features instead of pixels')
     cli.bool_flag(g, 'change_decoder', 'use the prompting decoder instead of the MAE decoder')
     cli.bool_flag(g, 'attn_mask', 'semantic-aware masking guided by the teacher\'s class-token attention')
     cli.bool_flag(g, 'norm_pix_loss', 'pixel target: normalise each patch by its mean and variance')
     cli.bool_flag(g, 'gpu_decode', 'decode and augment JPEGs on the training device (nvJPEG on GPUs); workers '
                                    'only read files')
     g.add_argument('--clip_model', default=METHOD['clip_model'],
-                   help='CLIP teacher: an OpenAI model name (downloaded once into --clip_cache), a TorchScript '
-                        '.pt or a state-dict file; "random" is a random tiny teacher for smoke tests only')
+                   help='the teacher: an OpenAI CLIP name (downloaded once into --clip_cache), an OpenAI TorchScript '
+                        '.pt or state-dict file, or timm:<model name> for any timm ViT (CLIP, SigLIP, DINO, DINOv2, '
+                        'DINOv3, ...: see the README); "random" is a random tiny CLIP for smoke tests only')
+    g.add_argument('--teacher_weights', default=METHOD['teacher_weights'],
+                   help='with timm:<name>: a weight file (timm, open_clip or SLIP format) instead of timm\'s '
+                        'pretrained download')
+    g.add_argument('--teacher_input_size', type=int, default=METHOD['teacher_input_size'],
+                   help='the teacher sees the batch resized (bicubic) to this size, e.g. 196 for a /14 teacher '
+                        'under a /16 student at 224 (default: the student\'s --input_size)')
     g.add_argument('--clip_cache', default=config.cache_dir('clip'), help='where named CLIP models are downloaded')
     g.add_argument('--average_targets', type=int, default=METHOD['average_targets'],
                    help='average the teacher outputs of the last K blocks as the target')
     g.add_argument('--vis_every', type=int, default=20,
                    help='every N epochs, visualize.py\'s panels for a few fixed images go to TensorBoard (0: off)')
     g.add_argument('--vis_images', type=int, default=4, help='how many images those panels show')
-    g.add_argument('--teacher_input_norm', default=METHOD['teacher_input_norm'], choices=['imagenet', 'clip'],
-                   help='normalisation of the teacher\'s input (the released code used ImageNet\'s)')
+    g.add_argument('--teacher_input_norm', default=METHOD['teacher_input_norm'],
+                   choices=['imagenet', 'clip', 'teacher'],
+                   help='normalisation of the teacher\'s input: ImageNet\'s (as the released code), CLIP\'s, or the '
+                        'teacher\'s own (from its pretrained configuration)')
     return parser
 
 
@@ -65,12 +76,20 @@ def validate_args(args):
     cli.validate_common(args)
     check(0 < args.mask_ratio < 1, f'--mask_ratio must be between 0 and 1 (exclusive), got {args.mask_ratio}')
     check(not args.attn_mask or args.use_clip,
-          '--attn_mask needs the CLIP teacher\'s attention: add --use_clip or drop --attn_mask')
+          '--attn_mask needs the teacher\'s attention: add --use_clip or drop --attn_mask')
     if args.norm_pix_loss and args.use_clip:  # the released recipes pass both
         log('note: --norm_pix_loss has no effect on the CLIP target (it normalises pixel targets only)')
     check(args.average_targets == 1 or args.use_clip, '--average_targets needs --use_clip')
     check(args.vis_every >= 0 and args.vis_images >= 1, '--vis_every must be >= 0 and --vis_images >= 1')
     check(args.average_targets >= 1, f'--average_targets must be at least 1, got {args.average_targets}')
+    check(not args.teacher_weights or args.clip_model.startswith('timm:'),
+          '--teacher_weights goes with --clip_model timm:<model name>; an OpenAI CLIP file is passed as --clip_model')
+    check(not args.teacher_weights or os.path.isfile(args.teacher_weights),
+          f'--teacher_weights {args.teacher_weights}: no such file')
+    check(args.teacher_input_size is None or args.teacher_input_size >= 8,
+          f'--teacher_input_size must be at least 8 pixels, got {args.teacher_input_size}')
+    check(args.use_clip or (args.teacher_input_size is None and not args.teacher_weights),
+          '--teacher_input_size and --teacher_weights need --use_clip (a teacher target)')
 
 
 def build_model(args, teacher):
@@ -88,8 +107,7 @@ def build_optimizer(args, model):
 
 def compile_models(args, model, teacher):
     """--compile: the student's encoder and decoder blocks and the teacher's blocks."""
-    runtime.compile_blocks(args, model.blocks, model.decoder_blocks,
-                           teacher.transformer.resblocks if teacher is not None else [])
+    runtime.compile_blocks(args, model.blocks, model.decoder_blocks, teacher.blocks if teacher is not None else [])
 
 
 def fixed_images(dataset, count, size):
@@ -123,9 +141,10 @@ def main(args):
         teacher.to(device)
     compile_models(args, model, teacher)
 
-    log(f'model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; target '
-        f'{"CLIP features" if args.use_clip else "pixels"}, {"prompting" if args.change_decoder else "MAE"} '
-        f'decoder, {"semantic-aware" if args.attn_mask else "random"} masking of {args.mask_ratio:.0%}; {device}')
+    target = f'{args.clip_model} features' if args.use_clip else 'pixels'
+    log(f'model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; target {target}, '
+        f'{"prompting" if args.change_decoder else "MAE"} decoder, {"semantic-aware" if args.attn_mask else "random"} '
+        f'masking of {args.mask_ratio:.0%}; {device}')
     model_without_ddp = model
     model, optimizer, scaler = runtime.prepare_training(args, model_without_ddp, device, build_optimizer)
     start = resume_training(args, model_without_ddp, optimizer, scaler, KIND, found=found)[0]

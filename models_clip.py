@@ -7,15 +7,14 @@ last block. Our forward produces both in one pass with fused attention; paramete
 reading those checkpoints is util/clip_weights.py's.
 """
 from collections import OrderedDict
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from util.clip_weights import clip_visual_weights
+from util.data import CLIP_MEAN, CLIP_STD
 from util.errors import UserError
-from util.logger import log
 
 
 class QuickGELU(nn.Module):
@@ -83,6 +82,7 @@ class ClipTeacher(nn.Module):
         self.grid_size = grid_size
         self.input_size = patch_size * grid_size
         self.output_dim = output_dim
+        self.mean, self.std = CLIP_MEAN, CLIP_STD  # the statistics it was trained with
         self.average_targets = average_targets
 
         scale = width ** -0.5
@@ -106,6 +106,11 @@ class ClipTeacher(nn.Module):
 
         self.requires_grad_(False)
         self.train(False)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The transformer blocks, which --compile compiles one by one."""
+        return self.transformer.resblocks
 
     def train(self, mode=True):
         """The teacher never trains: stays in eval mode whatever the caller's model.train() says."""
@@ -142,15 +147,6 @@ def build_random_teacher(patch_size: int, grid_size: int, width: int = 64, layer
         return ClipTeacher(width, layers, patch_size, grid_size, output_dim, average_targets)
 
 
-def check_patch_grid(teacher: ClipTeacher, patch_size: int, grid_size: int) -> None:
-    """Targets are per patch, so teacher and student must cut the image into the same grid."""
-    if (teacher.patch_size, teacher.grid_size) != (patch_size, grid_size):
-        raise UserError(
-            f'teacher CLIP ViT uses {teacher.patch_size}px patches on a {teacher.grid_size}x{teacher.grid_size} '
-            f'grid but the student uses {patch_size}px patches on a {grid_size}x{grid_size} grid; '
-            f'pick a student --model/--input_size with the same grid')
-
-
 def _teacher_from_state_dict(sd, path, average_targets=1):
     """Build a ClipTeacher whose shape is read off the (stripped, visual) tensors and load them strictly."""
     width, _, patch_size, _ = sd['conv1.weight'].shape
@@ -178,18 +174,3 @@ def load_clip_teacher(name_or_path: str, cache_dir: str, average_targets: int = 
     """A frozen fp32 teacher on CPU from an OpenAI model name (downloaded into cache_dir) or a local file."""
     sd, path = clip_visual_weights(name_or_path, cache_dir)
     return _teacher_from_state_dict(sd, path, average_targets)
-
-
-def build_teacher(flags, patch_size: int, grid_size: int) -> Optional[ClipTeacher]:
-    """The frozen teacher that a run's flags (use_clip, clip_model, clip_cache, average_targets: a Namespace)
-    name, on the CPU, for a student cutting `grid_size`^2 patches of `patch_size`; None for the pixel target."""
-    if not flags.use_clip:
-        return None
-    if flags.clip_model == 'random':
-        log('WARNING: the CLIP teacher has RANDOM weights: its targets carry no meaning. This is the demo/'
-            'smoke-test setting; pass --clip_model ViT-B/16 (or a weight file) for real pretraining.')
-        teacher = build_random_teacher(patch_size, grid_size, average_targets=flags.average_targets)
-    else:
-        teacher = load_clip_teacher(flags.clip_model, flags.clip_cache, flags.average_targets)
-    check_patch_grid(teacher, patch_size, grid_size)
-    return teacher

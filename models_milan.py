@@ -16,11 +16,17 @@ from util.pos_embed import sincos_2d
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 
 
-def teacher_view(images: torch.Tensor, teacher_input_norm: str) -> torch.Tensor:
-    """The teacher sees the student's (ImageNet-normalised) batch: as released by default, or with CLIP's own
-    statistics ('clip')."""
+def teacher_view(images: torch.Tensor, teacher_input_norm: str, teacher: Optional[nn.Module] = None) -> torch.Tensor:
+    """The teacher sees the student's (ImageNet-normalised) batch: as released by default ('imagenet'), with CLIP's
+    statistics ('clip') or with those the teacher was trained with ('teacher': its `mean` and `std`); resized
+    (bicubic, antialiased) to the teacher's `input_size` when that differs (--teacher_input_size)."""
+    if teacher is not None and images.shape[-1] != teacher.input_size:
+        images = F.interpolate(images, size=(teacher.input_size, teacher.input_size), mode='bicubic',
+                               align_corners=False, antialias=True)
     if teacher_input_norm == 'clip':
         return renormalize(images, IMAGENET_MEAN, IMAGENET_STD, CLIP_MEAN, CLIP_STD)
+    if teacher_input_norm == 'teacher':
+        return renormalize(images, IMAGENET_MEAN, IMAGENET_STD, teacher.mean, teacher.std)
     return images
 
 
@@ -298,7 +304,7 @@ def create_model(name: str, **kwargs) -> MilanViT:
 # that lacks one of them was trained with).
 FLAG_DEFAULTS = dict(model='mae_vit_base_patch16', input_size=224, mask_ratio=0.75, use_clip=False,
                      change_decoder=False, attn_mask=False, norm_pix_loss=False, clip_model='ViT-B/16',
-                     average_targets=1, teacher_input_norm='imagenet')
+                     average_targets=1, teacher_input_norm='imagenet', teacher_weights='', teacher_input_size=None)
 
 
 def create_from_flags(flags: dict, target_dim: int = 512) -> MilanViT:
@@ -327,6 +333,6 @@ def batch_loss(model: nn.Module, teacher: Optional[nn.Module], images: torch.Ten
     `teacher` is None for the pixel target."""
     targets = importance = None
     if teacher is not None:
-        targets, importance = teacher(teacher_view(images, teacher_input_norm))
+        targets, importance = teacher(teacher_view(images, teacher_input_norm, teacher))
     loss, pred, mask = model(images, targets, importance if attn_mask else None, mask_ratio)
     return BatchLoss(loss, pred, mask, targets, importance)

@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torchvision import transforms
 
 import models_milan
-from models_clip import build_teacher
+from models_teacher import build_teacher
 from util import cli, config
 from util.checkpoint import load_model_state
 from util.data import eval_geometry, load_rgb, to_device_normalized
@@ -62,10 +62,12 @@ def load_pretrain_checkpoint(path, clip_model=None, clip_cache=None):
     load_model_state(model, state, path)
     model.eval()
 
-    teacher_args = argparse.Namespace(use_clip=use_clip or clip_model is not None,
-                                      clip_model=clip_model or args['clip_model'],
+    named = clip_model is not None  # another teacher than the checkpoint's: its own weights and size
+    teacher_args = argparse.Namespace(use_clip=use_clip or named, clip_model=clip_model or args['clip_model'],
                                       clip_cache=clip_cache or config.cache_dir('clip'),
-                                      average_targets=args['average_targets'])
+                                      average_targets=args['average_targets'],
+                                      teacher_weights='' if named else args['teacher_weights'],
+                                      teacher_input_size=None if named else args['teacher_input_size'])
     teacher = build_teacher(teacher_args, model.patch_size, model.grid_size)
     if use_clip and teacher.output_dim != model.decoder_pred.out_features:
         raise UserError(f'the teacher {teacher_args.clip_model} gives {teacher.output_dim}-d targets but {path} '

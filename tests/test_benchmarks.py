@@ -76,6 +76,15 @@ def test_loader_benchmark_generates_and_reads_jpegs():
     assert row['decode'] == 'cpu (device)' and float(row['images/s'].replace(',', '')) > 0
 
 
+def test_teacher_benchmark_rows_relative_to_openai():
+    """Two of the README's teachers at batch 1 (ViT-B size, random weights): grid, width, importance, speed."""
+    _, (openai, dino) = bench('bench_teacher.py', '--device', 'cpu', '--precision', 'fp32', '--compile', 'off',
+                              '--batch_size', '1', '--steps', '1', '--warmup', '0', '--only', '224.dino')
+    assert openai['teacher'].startswith('OpenAI') and openai['relative to OpenAI'] == '1.00'
+    assert (dino['grid'], dino['target width'], dino['importance']) == ('14x14', '768', 'class token')
+    assert float(dino['images/s'].replace(',', '')) > 0 and float(dino['relative to OpenAI']) > 0
+
+
 def test_finetune_benchmark_rows():
     _, (row,) = bench('bench_finetune.py', *TINY, '--models', 'vit_tiny_patch8')
     assert (row['model'], row['data']) == ('vit_tiny_patch8', 'synthetic') and float(row['GFLOP/image']) > 0

@@ -3,12 +3,17 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
+import timm
 import torch
+from safetensors.torch import save_file
 
 import main_pretrain
-from conftest import pretrain_argv, run_cli
+import visualize
+from conftest import ROOT, cli_env, pretrain_argv, run_cli
 from util.checkpoint import load_checkpoint
 from util.cli import parse_args
 from util.errors import UserError
@@ -52,6 +57,7 @@ def test_demo_defaults_need_no_dataset(tmp_path, capsys):
     ['--no-use_clip', '--change_decoder', '--no-attn_mask'],
     ['--use_clip', '--no-change_decoder', '--attn_mask', '--average_targets', '2'],
     ['--use_clip', '--change_decoder', '--no-attn_mask', '--teacher_input_norm', 'clip', '--precision', 'bf16'],
+    ['--use_clip', '--attn_mask', '--teacher_input_size', '64', '--teacher_input_norm', 'teacher'],
 ])
 def test_flag_combinations_train(tiny_data, tmp_path, flags):
     args = run(pretrain_argv(tiny_data, tmp_path, *flags))
@@ -134,9 +140,81 @@ def test_bad_flags_give_one_clear_error(tiny_data, tmp_path, flags, message):
         run(pretrain_argv(tiny_data, tmp_path, *flags))
 
 
+@pytest.fixture(scope='module')
+def timm_teacher_file(tmp_path_factory):
+    """A timm ViT-Ti/16 with random weights, as timm saves it (its 224px position table and ImageNet head)."""
+    path = tmp_path_factory.mktemp('timm') / 'vit_tiny.pth'
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        torch.save(timm.create_model('vit_tiny_patch16_224', pretrained=False).state_dict(), path)
+    return str(path)
+
+
+def test_timm_teacher_from_a_file_seeing_the_batch_at_its_own_size(timm_teacher_file, tiny_data, tmp_path):
+    """--clip_model timm:NAME --teacher_weights FILE --teacher_input_size: the /16 teacher sees the 32px batch at
+    64px, so its 4x4 grid is the /8 student's; the position table is resampled, the head dropped, the targets are
+    its 192-d tokens, masks follow its attention, and visualize.py rebuilds the same teacher from the checkpoint."""
+    out = tmp_path / 'out'
+    run(pretrain_argv(tiny_data, out, '--use_clip', '--change_decoder', '--attn_mask', '--clip_model',
+                      'timm:vit_tiny_patch16_224', '--teacher_weights', timm_teacher_file, '--teacher_input_size',
+                      '64', '--teacher_input_norm', 'teacher', '--epochs', '2'))
+    stats = [json.loads(line) for line in open(out / 'log.txt')]
+    assert all(math.isfinite(s['train_loss']) and s['train_loss'] > 0 for s in stats) and len(stats) == 2
+    ckpt = load_checkpoint(str(out / 'checkpoint-last.pth'), 'pretrain')
+    assert ckpt['model']['decoder_pred.weight'].shape[0] == 192
+    assert (ckpt['args']['teacher_input_size'], ckpt['args']['teacher_weights']) == (64, timm_teacher_file)
+    model, teacher, _ = visualize.load_pretrain_checkpoint(str(out / 'checkpoint-last.pth'))
+    assert (teacher.name, teacher.input_size, teacher.grid_size) == ('timm:vit_tiny_patch16_224', 64, 4)
+    grids = visualize.panels(model, teacher, visualize.load_images(visualize.image_paths([tiny_data], 2), 32),
+                             teacher_input_norm='teacher', attn_mask=True).grids
+    assert grids.shape[0] == 2
+
+
+def test_timm_teacher_weights_from_the_hugging_face_cache_offline(tiny_data, tmp_path):
+    """Without --teacher_weights, timm's pretrained weights: found in the Hugging Face cache with no network
+    (HF_HUB_OFFLINE=1; the cache is built here as huggingface_hub lays it out), and a one-line error naming the fix
+    when they are not cached."""
+    arch = 'vit_tiny_patch16_224.augreg_in21k'
+    repo = tmp_path / 'hf' / 'hub' / ('models--' + timm.get_pretrained_cfg(arch).hf_hub_id.replace('/', '--'))
+    (repo / 'snapshots' / ('0' * 40)).mkdir(parents=True)
+    (repo / 'refs').mkdir()
+    (repo / 'refs' / 'main').write_text('0' * 40)
+    state = timm.create_model(arch, pretrained=False).state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, repo / 'snapshots' / ('0' * 40) / 'model.safetensors')
+    env = dict(cli_env(), HF_HOME=str(tmp_path / 'hf'), HF_HUB_OFFLINE='1')
+
+    def pretrain(out, teacher):
+        argv = pretrain_argv(tiny_data, out, '--use_clip', '--teacher_input_size', '64', '--clip_model', teacher)
+        return subprocess.run([sys.executable, os.path.join(ROOT, 'main_pretrain.py'), *argv], env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    done = pretrain(tmp_path / 'out', f'timm:{arch}')
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / 'out' / 'checkpoint-last.pth').exists()
+    missing = pretrain(tmp_path / 'other', 'timm:vit_small_patch16_224.dino')
+    lines = [line for line in (missing.stdout + missing.stderr).splitlines() if 'error' in line.lower()]
+    assert missing.returncode == 2 and len(lines) == 1 and 'Traceback' not in missing.stderr, lines
+    assert "cannot get timm's weights for timm:vit_small_patch16_224.dino" in lines[0]
+    assert 'or pass --teacher_weights FILE' in lines[0]
+
+@pytest.mark.parametrize('flags,message', [
+    (['--clip_model', 'timm:vit_nope_patch16_224'], 'timm:vit_nope_patch16_224 is not a timm model name'),
+    ([], 'the teacher uses 16px patches on a 2x2 grid but the student uses 8px patches on a 4x4 grid; pass '
+         '--teacher_input_size 64'),
+    (['--teacher_input_size', '64', '--clip_model', 'timm:vit_small_patch16_224'], 'does not fit'),
+    (['--teacher_input_size', '64', '--clip_model', 'ViT-B/16'], '--teacher_weights goes with --clip_model timm:'),
+])
+def test_bad_timm_teacher_specs_are_one_line(timm_teacher_file, tiny_data, tmp_path, flags, message):
+    argv = pretrain_argv(tiny_data, tmp_path, '--use_clip', '--clip_model', 'timm:vit_tiny_patch16_224',
+                         '--teacher_weights', timm_teacher_file, *flags)
+    with pytest.raises(UserError, match=message) as e:
+        run(argv)
+    assert '\n' not in str(e.value)
+
+
 def test_teacher_student_patch_grid_mismatch(tiny_data, tmp_path):
     teacher = write_teacher(tmp_path / 'clip.pth', 16, 2)  # 16px patches: the student uses 8px
-    with pytest.raises(UserError, match='teacher CLIP ViT uses 16px patches on a 2x2 grid but the student uses '
+    with pytest.raises(UserError, match='the teacher uses 16px patches on a 2x2 grid but the student uses '
                                         '8px patches on a 4x4 grid'):
         run(pretrain_argv(tiny_data, tmp_path, '--use_clip', '--clip_model', teacher))
 
@@ -161,6 +239,7 @@ def test_resume_of_another_model_is_refused(tiny_data, tmp_path):
     (['--mask_ratio', '0.5'], '--mask_ratio 0.75, not --mask_ratio 0.5'),
     (['--clip_model', 'ViT-B/16'], '--clip_model random, not --clip_model ViT-B/16'),
     (['--teacher_input_norm', 'clip'], '--teacher_input_norm imagenet, not --teacher_input_norm clip'),
+    (['--teacher_input_size', '64'], '--teacher_input_size None, not --teacher_input_size 64'),
 ])
 def test_resume_with_another_method_is_refused_naming_output_dir(milan_checkpoint, tiny_data, tmp_path, changed,
                                                                  message):

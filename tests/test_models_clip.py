@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import CLIP_GRID, CLIP_PATCH
-from models_clip import build_random_teacher, check_patch_grid, load_clip_teacher
+from models_clip import build_random_teacher, load_clip_teacher
+from models_teacher import check_grid
 from util.errors import UserError
 
 PATCH, GRID = CLIP_PATCH, CLIP_GRID
@@ -123,10 +124,10 @@ def test_build_random_teacher_is_seeded_and_leaves_global_rng():
 
 def test_patch_grid_and_input_size_checks():
     teacher = build_random_teacher(16, 14)
-    check_patch_grid(teacher, 16, 14)
+    check_grid(teacher, 16, 14)
     with pytest.raises(UserError) as e:
-        check_patch_grid(teacher, 14, 16)
-    assert str(e.value) == ('teacher CLIP ViT uses 16px patches on a 14x14 grid but the student uses 14px patches '
+        check_grid(teacher, 14, 16)
+    assert str(e.value) == ('the teacher uses 16px patches on a 14x14 grid but the student uses 14px patches '
                             'on a 16x16 grid; pick a student --model/--input_size with the same grid')
     with pytest.raises(UserError, match='224x224') as e:
         teacher(torch.zeros(1, 3, 192, 192))

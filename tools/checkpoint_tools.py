@@ -36,8 +36,9 @@ BATCHNORM_STATS = ('running_mean', 'running_var', 'num_batches_tracked')
 # timm's registered names for our sizes; the tiny demo size has no timm name.
 TIMM_NAMES = {'vit_small_patch16': 'vit_small_patch16_224', 'vit_base_patch16': 'vit_base_patch16_224',
               'vit_large_patch16': 'vit_large_patch16_224', 'vit_huge_patch14': 'vit_huge_patch14_224'}
-KEY_ARGS = ('use_clip', 'change_decoder', 'attn_mask', 'mask_ratio', 'norm_pix_loss', 'clip_model', 'blr', 'lr',
-            'batch_size', 'accum_iter', 'epochs', 'global_pool', 'nb_classes', 'finetune')
+KEY_ARGS = ('use_clip', 'change_decoder', 'attn_mask', 'mask_ratio', 'norm_pix_loss', 'clip_model', 'teacher_weights',
+            'teacher_input_size', 'blr', 'lr', 'batch_size', 'accum_iter', 'epochs', 'global_pool', 'nb_classes',
+            'finetune')
 
 
 def saved_args(ckpt):

@@ -12,7 +12,7 @@ from util.precision import resolve_precision
 # main_pretrain's demo checkpoint, which the fine-tuning and probing demos start from
 DEMO_PRETRAIN = './output_demo/pretrain/checkpoint-last.pth'
 # files that a resumed run compares by path, whatever relative path named them
-PATH_FLAGS = ('clip_model', 'finetune')
+PATH_FLAGS = ('clip_model', 'teacher_weights', 'finetune')
 
 
 def cache_dir(name: str) -> str:
