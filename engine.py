@@ -28,10 +28,14 @@ class EpochStats:
     images_per_sec: float
     iters_done: int
     stopped: bool
+    data_wait: float = 0.0  # the fraction of the epoch's time spent waiting for the next batch
 
     def logged(self) -> dict:
         """The statistics that go to log.txt, named for it (the loop's bookkeeping stays out)."""
         return {'train_loss': self.loss, 'train_lr': self.lr, 'train_images_per_sec': self.images_per_sec}
+
+
+DATA_WAIT_WARNING = 0.10  # above this fraction of an epoch spent waiting for data, the log says so
 
 
 def _hms(seconds):
@@ -64,10 +68,18 @@ def train_epoch(model: torch.nn.Module, loader, batch_loss: Callable[[Any], torc
     window_sum = torch.zeros((), device=device)
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     window_iters, lr, stopped, it = 0, optimizer.param_groups[0]['lr'], False, start_iter - 1
-    epoch_start = window_start = last_save = time.time()
+    epoch_start = window_start = last_save = ready = time.time()
+    window_wait = epoch_wait = 0.0
+    cuda = device.type == 'cuda'
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
 
     # the range ends the epoch before a trailing incomplete accumulation window is even loaded
     for it, batch in zip(range(start_iter, num_iters), loader):
+        # the host blocked on the loader for this batch (the epoch's first waits for workers to start: left out)
+        waited = time.time() - ready if it > start_iter else 0.0
+        window_wait += waited
+        epoch_wait += waited
         if it % accum == 0:
             lr = cosine_lr(epoch + (it // accum) / steps_per_epoch, args.lr, args.min_lr,
                            args.warmup_epochs, args.epochs)
@@ -106,13 +118,17 @@ def train_epoch(model: torch.nn.Module, loader, batch_loss: Callable[[Any], torc
             if bad_images is not None:
                 bad_images.check()
             window_loss = all_reduce_mean(window_sum).item() / window_iters
-            speed = window_iters * images_per_iter / (time.time() - window_start)
-            logger.scalars(epoch * num_iters + it + 1, train_loss=window_loss, lr=lr, images_per_sec=speed)
+            elapsed = time.time() - window_start
+            speed, wait = window_iters * images_per_iter / elapsed, 100 * window_wait / elapsed
+            memory = {'peak_gpu_gib': torch.cuda.max_memory_allocated(device) / 2 ** 30} if cuda else {}
+            logger.scalars(epoch * num_iters + it + 1, train_loss=window_loss, lr=lr, images_per_sec=speed,
+                           data_wait_pct=wait, **memory)
             left = num_iters - it - 1
             run_left = left + (args.epochs - epoch - 1) * num_iters
             per_iter = images_per_iter / speed
             log(f'epoch {epoch} [{it + 1}/{num_iters}] loss {window_loss:.4f} lr {lr:.3e} {speed:.1f} img/s, '
-                f'eta epoch {_hms(left * per_iter)} run {_hms(run_left * per_iter)}')
+                f'data wait {wait:.0f}%' + (f', peak {memory["peak_gpu_gib"]:.1f} GiB' if cuda else '') +
+                f', eta epoch {_hms(left * per_iter)} run {_hms(run_left * per_iter)}')
             # a stop on the epoch's last iteration lets the loop end the epoch properly (evaluation, its save)
             stopped = stopped and it + 1 < num_iters
             if save is not None and (stopped or (save_due and it + 1 < num_iters)):
@@ -123,12 +139,18 @@ def train_epoch(model: torch.nn.Module, loader, batch_loss: Callable[[Any], torc
                     f'again to continue from there')
                 break
             window_sum.zero_()
-            window_iters, window_start = 0, time.time()
+            window_iters, window_wait, window_start = 0, 0.0, time.time()
+        ready = time.time()
 
     done = it + 1 - start_iter
+    elapsed = time.time() - epoch_start
+    if epoch_wait > DATA_WAIT_WARNING * elapsed and not stopped:
+        log(f'the input held training back in epoch {epoch}: {100 * epoch_wait / elapsed:.0f}% of the time went to '
+            f'waiting for the next batch; more --num_workers (now {args.num_workers}), --gpu_decode '
+            f'(pretraining) or tar shards (tools/make_shards.py) feed it faster')
     return EpochStats(loss=all_reduce_mean(loss_sum).item() / max(done, 1), lr=lr,
-                      images_per_sec=done * images_per_iter / (time.time() - epoch_start), iters_done=it + 1,
-                      stopped=stopped)
+                      images_per_sec=done * images_per_iter / elapsed, iters_done=it + 1, stopped=stopped,
+                      data_wait=epoch_wait / elapsed)
 
 
 def stop_requested(where: str) -> bool:

@@ -114,9 +114,9 @@ def fixed_images(dataset, count, size):
     """The same few readable images, spread over the dataset, so TensorBoard's panels show how masks,
     losses and attention evolve."""
     images = []
-    for path, _ in dataset.samples[::max(1, len(dataset) // count)]:
+    for i in range(0, len(dataset), max(1, len(dataset) // count)):
         try:
-            images.append(visualize.load_images([path], size))
+            images.append(visualize.panel_input([dataset.image(i)], size))
         except UserError:
             continue
         if len(images) == count:
@@ -129,7 +129,7 @@ def main(args):
     device = runtime.start(args)
     found = find_resume(args, KIND, RESUME_FLAGS + (TEACHER_FLAGS if args.use_clip else PIXEL_FLAGS))
 
-    dataset = image_folder(args.data_path, 'train', pretrain_transform(args.input_size))
+    dataset = image_folder(args.data_path, 'train', pretrain_transform(args.input_size), labelled=False)
     loader = train_loader(dataset, args.batch_size, args.num_workers, args.pin_mem and device.type == 'cuda',
                           args.seed, args.input_size if args.gpu_decode else None)
     patch_size = models_milan.MODELS[args.model]['patch_size']

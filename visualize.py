@@ -172,10 +172,16 @@ def image_paths(sources, count):
     return paths
 
 
-def load_images(paths, size):
-    """uint8 [N, 3, size, size]: resized to size / 0.875 and centre-cropped, the geometry of evaluation."""
+def panel_input(images, size):
+    """uint8 [N, 3, size, size] of RGB PIL images: resized to size / 0.875 and centre-cropped, the geometry of
+    evaluation."""
     prepare = transforms.Compose([*eval_geometry(size), transforms.PILToTensor()])
-    return torch.stack([prepare(load_rgb(p)) for p in paths])
+    return torch.stack([prepare(image) for image in images])
+
+
+def load_images(paths, size):
+    """panel_input of image files."""
+    return panel_input([load_rgb(p) for p in paths], size)
 
 
 def get_args_parser():

@@ -7,6 +7,7 @@ the device, or (--data jpeg) the real loader over a folder of JPEGs. --loader ti
     python benchmarks/bench_pretrain.py --mode mae --batch_sizes 256                # MAE pixel baseline
     python benchmarks/bench_pretrain.py --data jpeg --generate 4000 --gpu_decode   # step fed from JPEGs
     python benchmarks/bench_pretrain.py --loader --generate 4000 [--gpu_decode]    # input pipeline alone
+    python benchmarks/bench_pretrain.py --loader --sources folder shards           # folders against shards
     python benchmarks/bench_pretrain.py --device cpu --models mae_vit_tiny_patch8 --input_size 64 \\
         --batch_sizes 8 --precisions fp32 --compile off --steps 2 --warmup 1 --teacher tiny   # CPU smoke
 
@@ -18,6 +19,8 @@ values, and nothing is downloaded.
 import argparse
 import functools
 import itertools
+import os
+import tempfile
 import time
 
 import torch
@@ -29,6 +32,7 @@ import main_pretrain
 import models_milan
 from models_clip import build_random_teacher
 from util import runtime
+from tools.make_shards import make_shards
 from util.data import image_folder, pretrain_transform, train_loader
 from util.device_decode import decode_on_device
 from util.logger import RunLogger
@@ -100,7 +104,7 @@ def synthetic_batch(opts, batch_size, device):
 
 def jpeg_loader(opts, folder, batch_size, device):
     """main_pretrain's loader over `folder` (--gpu_decode: workers read bytes, the device decodes)."""
-    dataset = image_folder(folder, 'train', pretrain_transform(opts.input_size))
+    dataset = image_folder(folder, 'train', pretrain_transform(opts.input_size), labelled=False)
     return train_loader(dataset, batch_size, opts.num_workers, device.type == 'cuda', 0,
                         opts.input_size if opts.gpu_decode else None)
 
@@ -145,12 +149,20 @@ def loader_speed(opts, device, loader):
 
 
 def bench_loader(opts, device, folder):
-    table = common.Table('decode', 'batch', 'workers', 'images/s', 'files')
+    """The loader over the image folder and (--sources shards) over tar shards made from it."""
+    table = common.Table('source', 'decode', 'batch', 'workers', 'images/s', 'files')
     where = f'{device.type} (device)' if opts.gpu_decode else 'CPU workers'
-    for batch_size in opts.batch_sizes:
-        loader = jpeg_loader(opts, folder, batch_size, device)
-        table.row(where, batch_size, opts.num_workers, f'{loader_speed(opts, device, loader):,.0f}',
-                  len(loader.dataset))
+    with tempfile.TemporaryDirectory(prefix='milan_shards_') as tmp:
+        for source in opts.sources:
+            root = folder
+            if source == 'shards':
+                common.quiet(make_shards, os.path.join(folder, 'train'), tmp, opts.shard_size)
+                root = tmp
+            for batch_size in opts.batch_sizes:
+                loader = common.quiet(jpeg_loader, opts, root, batch_size, device)  # without the indexing line
+                table.row(source, where, batch_size, opts.num_workers, f'{loader_speed(opts, device, loader):,.0f}',
+                          len(loader.dataset))
+                del loader
 
 
 def get_args_parser():
@@ -162,6 +174,10 @@ def get_args_parser():
                         help='shape of the random-weight CLIP teacher (vit_b16: the paper\'s CLIP ViT-B/16)')
     parser.add_argument('--gpu_decode', action='store_true', help='decode and augment on the device (nvJPEG)')
     parser.add_argument('--loader', action='store_true', help='time the input pipeline alone')
+    parser.add_argument('--sources', nargs='+', default=['folder'], choices=['folder', 'shards'],
+                        help='with --loader: read the image folder, tar shards made from it (tools/make_shards.py), '
+                             'or both')
+    parser.add_argument('--shard_size', type=int, default=1000, help='images per shard for --sources shards')
     return parser
 
 

@@ -1,6 +1,7 @@
 """Shared fixtures: a small generated JPEG dataset, runners for the entry points in a fresh process, and a
 2-process torchrun launcher."""
 import contextlib
+import io
 import os
 import re
 import signal
@@ -15,6 +16,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from tools.make_shards import make_shards  # noqa: E402
 from util.demo_data import ensure_demo_dataset  # noqa: E402
 from util.preemption import STOP  # noqa: E402
 
@@ -63,6 +65,17 @@ def signal_handlers_restored():
 def tiny_data(tmp_path_factory):
     """4 classes x 8 train and 4 val images, real JPEGs through the real generator."""
     return ensure_demo_dataset(str(tmp_path_factory.mktemp('data')), train_per_class=8, val_per_class=4)
+
+
+@pytest.fixture(scope='session')
+def tiny_shards(tiny_data, tmp_path_factory):
+    """tiny_data's train and val splits as WebDataset tar shards (tools/make_shards.py) in one folder: 10 samples
+    per shard, so a split spans several shards."""
+    out = str(tmp_path_factory.mktemp('shards'))
+    with contextlib.redirect_stdout(io.StringIO()):
+        for split in ('train', 'val'):
+            make_shards(os.path.join(tiny_data, split), out, shard_size=10)
+    return out
 
 
 @pytest.fixture(scope='session')

@@ -69,7 +69,8 @@ def max_cross_rank_diff(vec):
 def data_probe(args, data):
     dataset = image_folder(data, 'train', pretrain_transform(INPUT_SIZE))
     loader = train_loader(dataset, BATCH_SIZE, num_workers=0, pin_memory=False, seed=SEED)
-    record = {'dataset_len': len(dataset), 'targets': list(dataset.targets), 'len_sampler': len(loader.sampler),
+    record = {'dataset_len': len(dataset), 'targets': [label for _, label in dataset.samples],
+              'len_sampler': len(loader.sampler),
               'len_loader': len(loader), 'sampler_num_replicas': loader.sampler.shard.num_replicas,
               'sampler_rank': loader.sampler.shard.rank, 'sampler_seed': loader.sampler.shard.seed, 'epochs': []}
     first_batches = None

@@ -69,8 +69,11 @@ def test_pretrain_benchmark_fed_by_generated_jpegs_decoded_on_the_device():
 
 
 def test_loader_benchmark_generates_and_reads_jpegs():
-    _, (row,) = bench('bench_pretrain.py', '--loader', *TINY, '--generate', '24', '--num_workers', '1')
+    _, (row, shards) = bench('bench_pretrain.py', '--loader', *TINY, '--generate', '24', '--num_workers', '1',
+                             '--sources', 'folder', 'shards', '--shard_size', '10')
     assert row['decode'] == 'CPU workers' and row['files'] == '24' and float(row['images/s'].replace(',', '')) > 0
+    assert (row['source'], shards['source'], shards['files']) == ('folder', 'shards', '24')
+    assert float(shards['images/s'].replace(',', '')) > 0
     _, (row,) = bench('bench_pretrain.py', '--loader', '--gpu_decode', *TINY, '--generate', '24', '--num_workers',
                       '1')
     assert row['decode'] == 'cpu (device)' and float(row['images/s'].replace(',', '')) > 0

@@ -1,6 +1,9 @@
-"""util/data.py: image folders, the seeded training sampler and loader, unreadable images, eval shards, transforms."""
+"""util/data.py: image folders, tar shards and flat folders, the seeded sampler and loader, unreadable images, eval
+shards, transforms."""
+import os
 import random
 import signal
+import tarfile
 
 import numpy as np
 import pytest
@@ -14,6 +17,7 @@ import util.data as data
 from util.data import (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, BadImages, EncodedImages, ShardSampler,
                        TrainSampler, TrainSet, eval_loader, eval_transform, image_folder, init_worker,
                        linprobe_transform, pretrain_transform, renormalize, to_device_normalized, train_loader)
+from tools.make_shards import make_shards
 from util.errors import LocalError, UserError
 
 CLASSES = ('ants', 'bees')
@@ -295,6 +299,89 @@ def test_image_folder_errors_are_one_line(tmp_path):
     (tmp_path / 'val' / 'ants' / 'notes.txt').write_text('not an image')
     with pytest.raises(UserError, match=f'^no images under {tmp_path / "val"} '):
         image_folder(str(tmp_path), 'val', None)
+
+
+
+# Tar shards and flat folders -------------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def jpeg_shards(jpeg_data, tmp_path_factory):
+    """jpeg_data's splits as tar shards of 5 samples (tools/make_shards.py), train and val in one folder."""
+    out = str(tmp_path_factory.mktemp('shards'))
+    for split in ('train', 'val'):
+        make_shards(os.path.join(jpeg_data, split), out, shard_size=5)
+    return out
+
+
+@pytest.mark.parametrize('split', ['train', 'val'])
+def test_shards_hold_the_folders_bytes_labels_and_classes(jpeg_data, jpeg_shards, split):
+    folder, shards = image_folder(jpeg_data, split, None), image_folder(jpeg_shards, split, None)
+    assert isinstance(shards, data.ShardImages) and shards.classes == folder.classes == list(CLASSES)
+    assert [label for _, label in shards.samples] == [label for _, label in folder.samples]
+    assert all(shards.read(i) == folder.read(i) for i in range(len(folder)))
+    assert all(shards.samples[i][0].startswith(jpeg_shards) and '.tar/' in shards.samples[i][0]
+               for i in range(len(folder)))
+
+
+@pytest.mark.parametrize('input_size', [None, 16])
+def test_shards_give_the_folders_batches(jpeg_data, jpeg_shards, input_size):
+    """The same augmentations for the same seed (per-sample seeds follow the sample index), in the CPU pipeline
+    and in --gpu_decode's (bytes, crop and flip)."""
+    def batches(root):
+        loader = train_loader(image_folder(root, 'train', pretrain_transform(16), labelled=False), 4, 0, False,
+                              seed=5, input_size=input_size)
+        return epoch_batches(loader, 1)
+
+    for (images, labels, bad), (images_, labels_, bad_) in zip(batches(jpeg_data), batches(jpeg_shards)):
+        assert torch.equal(labels, labels_) and bad == bad_ == []
+        if input_size is None:
+            assert torch.equal(images, images_)
+        else:
+            assert torch.equal(images.crops, images_.crops)
+            assert all(torch.equal(a, b) for a, b in zip(images.data, images_.data))
+
+
+def test_a_corrupt_shard_member_is_skipped_and_named(tmp_path):
+    paths = write_jpegs(tmp_path / 'src' / 'ants', 4)
+    with open(paths[1], 'wb') as f:
+        f.write(b'not a jpeg at all')
+    make_shards(str(tmp_path / 'src'), str(tmp_path / 'shards'), shard_size=10, prefix='train')
+    dataset = TrainSet(image_folder(str(tmp_path / 'shards'), 'train', pretrain_transform(16)), seed=0)
+    image, _, bad = dataset[(1, 0)]
+    assert len(bad) == 1 and bad[0].startswith(str(tmp_path / 'shards' / 'train-000000.tar') + '/')
+    assert bad[0].endswith('img_01.jpg') and torch.equal(image, dataset[(2, 0)][0])
+
+
+def test_a_truncated_shard_is_one_line_naming_it(jpeg_shards, tmp_path):
+    shard = tmp_path / 'train-000000.tar'
+    content = open(os.path.join(jpeg_shards, 'train-000000.tar'), 'rb').read()
+    shard.write_bytes(content[:len(content) // 2])
+    with pytest.raises(UserError) as error:
+        image_folder(str(shard), 'train', None)
+    assert str(shard) in str(error.value) and 'truncated' in str(error.value) and '\n' not in str(error.value)
+
+
+def test_classification_refuses_shards_without_labels(tmp_path):
+    with tarfile.open(tmp_path / 'train-0.tar', 'w') as tar:
+        jpeg = write_jpegs(tmp_path / 'src', 1)[0]
+        tar.add(jpeg, arcname='sample0.jpg')
+    assert len(image_folder(str(tmp_path), 'train', None, labelled=False)) == 1  # pretraining needs none
+    with pytest.raises(UserError, match='without a .cls label .*write them with tools/make_shards.py'):
+        image_folder(str(tmp_path), 'train', None)
+
+
+def test_pretraining_reads_a_flat_folder_of_images(tmp_path):
+    """Unlabelled images, no class folders: every image below the folder, recursively, in sorted order."""
+    top = write_jpegs(tmp_path / 'photos', 3)
+    nested = write_jpegs(tmp_path / 'photos' / 'more', 2, seed=1)
+    (tmp_path / 'photos' / 'notes.txt').write_text('not an image')
+    dataset = image_folder(str(tmp_path / 'photos'), 'train', pretrain_transform(16), labelled=False)
+    assert [path for path, _ in dataset.samples] == top + nested and dataset.classes == ['images']
+    image, label = dataset[0]
+    assert image.shape == (3, 16, 16) and label == 0 and dataset.read(1) == open(top[1], 'rb').read()
+    assert len(image_folder(str(tmp_path), 'train', None, labelled=False)) == 5  # photos/ as the class layout
+    with pytest.raises(UserError, match='no folder .*train'):  # classification needs train/<class>/
+        image_folder(str(tmp_path / 'photos'), 'train', None)
 
 
 # Transforms and normalisation ----------------------------------------------------------------------------

@@ -71,10 +71,12 @@ def test_legacy_launch_passes_local_rank_flag(tiny_data, tmp_path):
     assert ckpt['epoch'] == 0 and ckpt['args']['world_size'] == 2 and not ckpt['args']['use_clip']
 
 
-@pytest.fixture(scope='module')
-def probe(tiny_data, tmp_path_factory):
+@pytest.fixture(scope='module', params=['folder', 'shards'])
+def probe(request, tiny_data, tiny_shards, tmp_path_factory):
+    """What each rank saw, reading the image folder or the tar shards made from it."""
     tmp = tmp_path_factory.mktemp('probe')
-    launch(tmp, ['torch.distributed.run'], os.path.join('tests', 'dist_probe.py'), [tiny_data, str(tmp / 'out')])
+    data = tiny_data if request.param == 'folder' else tiny_shards
+    launch(tmp, ['torch.distributed.run'], os.path.join('tests', 'dist_probe.py'), [data, str(tmp / 'out')])
     return [json.loads((tmp / 'out' / f'rank{r}.json').read_text()) for r in range(NPROC)]
 
 

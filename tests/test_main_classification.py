@@ -217,3 +217,16 @@ def test_resume_runs_only_the_remaining_epoch_and_carries_best(tiny_data, finetu
     # the optimizer went on from the saved state: 4 + 4 AdamW steps
     assert {float(s['step']) for s in resumed['optimizer']['state'].values()} == {8.0}
     assert stats['acc1'] == json.loads(lines.splitlines()[-1])['val_acc1']
+
+
+@pytest.mark.parametrize('entry', [main_finetune, main_linprobe])
+def test_shards_train_and_evaluate_as_the_folder_does(tiny_data, tiny_shards, tmp_path, entry):
+    """Fine-tuning and probing read train and val shards (labels from .cls, classes from classes.json): the same
+    bytes, labels and augmentations as the folder they were made from, so the same run, to the same numbers."""
+    _, folder = run(entry, cls_argv(tiny_data, tmp_path / 'folder'))
+    _, shards = run(entry, cls_argv(tiny_shards, tmp_path / 'shards'))
+    assert (shards['acc1'], shards['acc5']) == (folder['acc1'], folder['acc5'])
+    assert shards['loss'] == pytest.approx(folder['loss'], rel=1e-6)
+    trained = load(tmp_path / 'shards' / 'checkpoint-last.pth')['model']
+    reference = load(tmp_path / 'folder' / 'checkpoint-last.pth')['model']
+    assert trained.keys() == reference.keys() and all(torch.equal(trained[k], reference[k]) for k in reference)

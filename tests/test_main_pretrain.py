@@ -212,6 +212,23 @@ def test_bad_timm_teacher_specs_are_one_line(timm_teacher_file, tiny_data, tmp_p
     assert '\n' not in str(e.value)
 
 
+def test_pretraining_reads_a_shard_pattern_and_a_flat_folder(tiny_data, tiny_shards, tmp_path):
+    """--data_path as a brace pattern of tar shards (32 training images in 4 shards of 10), and as a folder of
+    images without class folders: both train, on the same 32 images."""
+    pattern = os.path.join(tiny_shards, 'train-{000000..000003}.tar')
+    run(pretrain_argv(pattern, tmp_path / 'shards'))
+    flat = tmp_path / 'flat'
+    flat.mkdir()
+    for d, _, files in os.walk(os.path.join(tiny_data, 'train')):
+        for f in files:
+            shutil.copy(os.path.join(d, f), flat / f)
+    run(pretrain_argv(str(flat), tmp_path / 'flat_out'))
+    for out in ('shards', 'flat_out'):
+        assert len(open(tmp_path / out / 'log.txt').readlines()) == 1
+    with pytest.raises(UserError, match='no shard .*train-000004.tar .of the 10 that'):  # the first missing one
+        run(pretrain_argv(os.path.join(tiny_shards, 'train-{000000..000009}.tar'), tmp_path / 'missing'))
+
+
 def test_teacher_student_patch_grid_mismatch(tiny_data, tmp_path):
     teacher = write_teacher(tmp_path / 'clip.pth', 16, 2)  # 16px patches: the student uses 8px
     with pytest.raises(UserError, match='the teacher uses 16px patches on a 2x2 grid but the student uses '

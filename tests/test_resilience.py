@@ -69,6 +69,18 @@ def test_stop_signal_mid_epoch_saves_and_resumes_to_the_identical_model(tiny_dat
     assert losses(out)[0] == losses(reference)[0]  # epoch 0 ran uninterrupted in both
 
 
+def test_stop_signal_on_shards_resumes_to_the_model_of_the_uninterrupted_folder_run(tiny_shards, tmp_path,
+                                                                                   reference):
+    """The same run reading the tar shards made from the folder: SIGTERM mid-epoch, the same command again, and
+    the final weights equal the uninterrupted run's on the folder (same bytes, order and augmentations)."""
+    out = tmp_path / 'out'
+    code, output = interrupt(argv(tiny_shards, out), 'epoch 1 [2/4]', signal.SIGTERM)
+    assert code == 0 and 'stopped in epoch 1 after iteration' in output, output
+    result = run_cli(argv(tiny_shards, out))
+    assert result.returncode == 0, result.stderr
+    assert_same_models(final_model(out), final_model(reference))
+
+
 def test_stop_signal_to_the_process_group_with_workers_still_saves(tiny_data, tmp_path):
     """scancel, a closing terminal and torchrun signal every process of the group, loader workers included:
     the workers must leave stopping to the main process instead of dying under it."""

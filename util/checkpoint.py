@@ -8,6 +8,7 @@ import shutil
 import torch
 
 from util import rng
+from util.atomic import atomic_file
 from util.config import plain
 from util.errors import UserError
 from util.distributed import is_main
@@ -19,16 +20,8 @@ LAST = 'checkpoint-last.pth'
 
 def save_atomic(state, path):
     """Write to a temporary file beside `path`, flush it to disk, then rename over `path`."""
-    tmp = f'{path}.tmp.{os.getpid()}'
-    try:
-        with open(tmp, 'wb') as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_file(path) as f:
+        torch.save(state, f)
 
 
 def latest_checkpoint(output_dir):

@@ -16,9 +16,10 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, d
 from torchvision import datasets, transforms
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
-from util.distributed import all_reduce_sum, rank, union_of_sets, world_size
+from util.distributed import all_reduce_sum, main_first, rank, union_of_sets, world_size
 from util.errors import LocalError, UserError
 from util.preemption import ignore_stop_signals
+from util.shards import ShardIndex, find_shards
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -26,6 +27,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
 # What PIL raises for a file that is not a readable image.
 READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
@@ -43,6 +45,15 @@ def load_rgb(path):
         raise unreadable(path, e) from None
 
 
+def decode_rgb(data, name):
+    """An image file's bytes as RGB; unreadable ones are a UserError naming `name`."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.convert('RGB')
+    except READ_ERRORS as e:
+        raise unreadable(name, e) from None
+
+
 PRETRAIN_SCALE = (0.2, 1.0)
 
 
@@ -55,13 +66,94 @@ def pretrain_transform(input_size):
     ])
 
 
-def image_folder(data_path, split, transform):
-    """`data_path/split/<class>/<image>` as a dataset, or a one-line error saying what is missing."""
+class ImageFiles(datasets.ImageFolder):
+    """torchvision's ImageFolder (`root/<class>/<images>`) that also hands out a sample's file bytes (--gpu_decode)
+    and its decoded image."""
+
+    def read(self, i):
+        with open(self.samples[i][0], 'rb') as f:
+            return f.read()
+
+    def image(self, i):
+        return load_rgb(self.samples[i][0])
+
+
+class FlatImages(Dataset):
+    """Every image file under `root`, searched recursively in sorted order, all labelled 0: unlabelled images
+    for pretraining, which needs no classes."""
+
+    def __init__(self, root, transform):
+        self.root, self.transform, self.classes = root, transform, ['images']
+        self.samples = [(os.path.join(d, f), 0) for d, dirs, files in sorted(os.walk(root, followlinks=True))
+                        for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
+        if not self.samples:
+            raise UserError(f'no images under {root}; --data_path must hold images (in class folders or not), '
+                            f'train/<class>/<images> or tar shards')
+
+    def __len__(self):
+        return len(self.samples)
+
+    def read(self, i):
+        with open(self.samples[i][0], 'rb') as f:
+            return f.read()
+
+    def image(self, i):
+        return load_rgb(self.samples[i][0])
+
+    def __getitem__(self, i):
+        return self.transform(self.image(i)), 0
+
+
+class ShardImages(Dataset):
+    """The samples of WebDataset tar shards (util.shards): images by random access, labels from `.cls`."""
+
+    def __init__(self, shards, transform):
+        with main_first():  # one process scans the shards; the others read the index it cached
+            self.index = ShardIndex(shards)
+        self.transform = transform
+        self.root = os.path.dirname(shards[0]) if len(shards) > 1 else shards[0]
+        self.samples = list(zip(self.index.names, self.index.labels))
+        self.classes = self.index.classes
+
+    def __len__(self):
+        return len(self.index)
+
+    def read(self, i):
+        return self.index.read(i)
+
+    def image(self, i):
+        return decode_rgb(self.index.read(i), self.samples[i][0])
+
+    def __getitem__(self, i):
+        return self.transform(self.image(i)), self.samples[i][1]
+
+
+def _has_images(folder):
+    return any(f.lower().endswith(IMAGE_EXTENSIONS) for f in os.listdir(folder))
+
+
+def image_folder(data_path, split, transform, labelled=True):
+    """The `split` images of --data_path: tar shards (a brace pattern, .tar files, or a folder of them:
+    util.shards.find_shards), else `data_path/split/<class>/<image>`; unlabelled (pretraining), also a folder
+    of images without class folders (`data_path/split` or `data_path` itself). A one-line error saying what is
+    missing."""
+    shards = find_shards(data_path, split)
+    if shards:
+        dataset = ShardImages(shards, transform)
+        if labelled and min(dataset.samples, key=lambda s: s[1])[1] < 0:
+            raise UserError(f'the {split} shards under {dataset.root} have samples without a .cls label (such as '
+                            f'{min(dataset.samples, key=lambda s: s[1])[0]}); write them with tools/make_shards.py')
+        return dataset
     root = os.path.join(data_path, split)
+    if not labelled and not os.path.isdir(root) and os.path.isdir(data_path):
+        root = data_path  # unlabelled images need no split folder
     if not os.path.isdir(root):
-        raise UserError(f'no folder {root}: --data_path must hold {split}/<class>/<images> (the ImageNet layout)')
+        raise UserError(f'no folder {root}: --data_path must hold {split}/<class>/<images> (the ImageNet layout)'
+                        f'{"" if labelled else ", a folder of images, or tar shards"}')
+    if not labelled and _has_images(root):
+        return FlatImages(root, transform)
     try:
-        return datasets.ImageFolder(root, transform=transform, loader=load_rgb)
+        return ImageFiles(root, transform=transform, loader=load_rgb)
     except FileNotFoundError as e:
         raise UserError(f'no images under {root} ({e}); --data_path must hold {split}/<class>/<images>') from None
 
@@ -137,8 +229,7 @@ class EncodedTrainSet(TrainSet):
     def load(self, i):
         path, label = self.folder.samples[i]
         try:
-            with open(path, 'rb') as f:
-                data = f.read()
+            data = self.folder.read(i)
             with Image.open(io.BytesIO(data)) as header:  # reads the size only
                 top, left, h, w = RandomResizedCrop.get_params(header, list(PRETRAIN_SCALE), [3 / 4, 4 / 3])
         except READ_ERRORS as e:

@@ -1,5 +1,6 @@
 """Process-group setup for a plain process, torchrun (env://) and `torch.distributed.launch --use_env`,
 plus the few collectives the training loops need."""
+import contextlib
 import os
 import subprocess
 
@@ -86,6 +87,19 @@ def launch_rank():
 
 def world_size():
     return dist.get_world_size() if dist.is_initialized() else 1
+
+
+@contextlib.contextmanager
+def main_first():
+    """The main process runs the block first, then the others: for work whose result the others then find
+    cached (a shard index), instead of every process doing it at once."""
+    if dist.is_initialized() and not is_main():
+        dist.barrier()
+    try:
+        yield
+    finally:  # on an error too: the others then meet it themselves, rather than wait forever
+        if dist.is_initialized() and is_main():
+            dist.barrier()
 
 
 def all_reduce_mean(tensor):
