@@ -57,7 +57,7 @@ def train_epoch(model: torch.nn.Module, loader, batch_loss: Callable[[Any], torc
     """
     model.train()
     accum = args.accum_iter
-    num_iters = loader.sampler.batches_per_epoch // accum * accum
+    num_iters = iterations_per_epoch(loader, accum)
     if num_iters == 0:
         raise UserError(f'--accum_iter {accum} exceeds the {loader.sampler.batches_per_epoch} iterations of an '
                         f'epoch; lower --accum_iter or --batch_size')
@@ -70,16 +70,23 @@ def train_epoch(model: torch.nn.Module, loader, batch_loss: Callable[[Any], torc
     window_iters, lr, stopped, it = 0, optimizer.param_groups[0]['lr'], False, start_iter - 1
     epoch_start = window_start = last_save = ready = time.time()
     window_wait = epoch_wait = 0.0
+    gaps = []  # CUDA: (this step's work done, next batch handed over) event pairs of the window
     cuda = device.type == 'cuda'
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
 
     # the range ends the epoch before a trailing incomplete accumulation window is even loaded
     for it, batch in zip(range(start_iter, num_iters), loader):
-        # the host blocked on the loader for this batch (the epoch's first waits for workers to start: left out)
-        waited = time.time() - ready if it > start_iter else 0.0
-        window_wait += waited
-        epoch_wait += waited
+        # time lost waiting for this batch (the epoch's first waits for workers to start: left out)
+        if it > start_iter:
+            if cuda:  # the device's idle gap: the host queues work ahead, so its own wait would overstate it
+                arrived = torch.cuda.Event(enable_timing=True)
+                arrived.record()
+                gaps.append((ready, arrived))
+            else:
+                waited = time.time() - ready
+                window_wait += waited
+                epoch_wait += waited
         if it % accum == 0:
             lr = cosine_lr(epoch + (it // accum) / steps_per_epoch, args.lr, args.min_lr,
                            args.warmup_epochs, args.epochs)
@@ -117,7 +124,10 @@ def train_epoch(model: torch.nn.Module, loader, batch_loss: Callable[[Any], torc
                                 f'--blr or --precision fp32')
             if bad_images is not None:
                 bad_images.check()
-            window_loss = all_reduce_mean(window_sum).item() / window_iters
+            window_loss = all_reduce_mean(window_sum).item() / window_iters  # synchronises: the gaps are timed
+            if gaps:
+                waited = sum(done.elapsed_time(arrived) for done, arrived in gaps) / 1000
+                window_wait, epoch_wait, gaps = window_wait + waited, epoch_wait + waited, []
             elapsed = time.time() - window_start
             speed, wait = window_iters * images_per_iter / elapsed, 100 * window_wait / elapsed
             memory = {'peak_gpu_gib': torch.cuda.max_memory_allocated(device) / 2 ** 30} if cuda else {}
@@ -135,12 +145,16 @@ def train_epoch(model: torch.nn.Module, loader, batch_loss: Callable[[Any], torc
                 save(epoch, it + 1)
                 last_save = time.time()
             if stopped:
-                log(f'stopped in epoch {epoch} after iteration {it + 1}, checkpoint saved; run the same command '
-                    f'again to continue from there')
+                log(f'stopped in epoch {epoch} after iteration {it + 1}' + (', checkpoint saved; run the same '
+                    'command again to continue from there' if save is not None else ''))
                 break
             window_sum.zero_()
             window_iters, window_wait, window_start = 0, 0.0, time.time()
-        ready = time.time()
+        if cuda:
+            ready = torch.cuda.Event(enable_timing=True)  # reached once the device has done this step's work
+            ready.record()
+        else:
+            ready = time.time()
 
     done = it + 1 - start_iter
     elapsed = time.time() - epoch_start
@@ -151,6 +165,12 @@ def train_epoch(model: torch.nn.Module, loader, batch_loss: Callable[[Any], torc
     return EpochStats(loss=all_reduce_mean(loss_sum).item() / max(done, 1), lr=lr,
                       images_per_sec=done * images_per_iter / elapsed, iters_done=it + 1, stopped=stopped,
                       data_wait=epoch_wait / elapsed)
+
+
+def iterations_per_epoch(loader, accum_iter: int) -> int:
+    """The iterations train_epoch runs per epoch (a trailing incomplete accumulation window dropped): epochs
+    times this is the step axis of every TensorBoard scalar, training's and evaluation's alike."""
+    return loader.sampler.batches_per_epoch // accum_iter * accum_iter
 
 
 def stop_requested(where: str) -> bool:

@@ -91,6 +91,7 @@ def run(args, kind, build_model, build_optimizer, train_transform, criterion, mi
     bad_images = BadImages(len(train_set), args.max_bad_frac)
 
     step = functools.partial(engine_finetune.batch_loss, model, criterion, device=device, mixup=mixup)
+    epoch_steps = engine.iterations_per_epoch(loader, args.accum_iter)  # validation shares training's step axis
 
     def save(epoch, resume_iter=0):
         save_training(args, epoch, model_without_ddp, optimizer, scaler, kind, resume_iter, {'best_acc1': best})
@@ -112,7 +113,7 @@ def run(args, kind, build_model, build_optimizer, train_transform, criterion, mi
                         os.path.join(args.output_dir, 'checkpoint-best.pth'))
         best = max(best, stats['acc1'])
         last = stats
-        logger.scalars(epoch, val_acc1=stats['acc1'], val_acc5=stats['acc5'], val_loss=stats['loss'])
+        logger.scalars((epoch + 1) * epoch_steps, **{f'val_{k}': v for k, v in stats.items()})
         logger.epoch({'epoch': epoch, **train_stats.logged(), **{f'val_{k}': v for k, v in stats.items()}})
         log(f'epoch {epoch}: val top-1 {stats["acc1"]:.2f}% top-5 {stats["acc5"]:.2f}% (best {best:.2f}%), '
             f'train loss {train_stats.loss:.4f}')

@@ -8,14 +8,15 @@ import time
 import torch
 
 import engine
+import engine_knn
 import engine_pretrain
 import models_milan
 import visualize
 from models_teacher import build_teacher
 from util import cli, config, runtime
 from util.checkpoint import find_resume, resume_training, save_training
-from util.data import BadImages, image_folder, pretrain_transform, train_loader
-from util.distributed import cleanup
+from util.data import BadImages, eval_transform, image_folder, pretrain_transform, train_loader
+from util.distributed import cleanup, main_first
 from util.errors import UserError, check
 from util.logger import log
 from util.optim import adamw, param_groups_weight_decay
@@ -31,7 +32,8 @@ PIXEL_FLAGS = ('norm_pix_loss',)  # what defines the pixel target
 # The demo: a tiny ViT and a random tiny CLIP teacher on generated 64x64 images, ~20 s on 2 CPU cores.
 DEMO_DEFAULTS = dict(model='mae_vit_tiny_patch8', input_size=64, batch_size=32, epochs=10, warmup_epochs=2,
                      blr=1e-2, num_workers=2, print_freq=4, save_every=5, clip_model='random',
-                     use_clip=True, change_decoder=True, attn_mask=True, output_dir='./output_demo/pretrain')
+                     use_clip=True, change_decoder=True, attn_mask=True, knn_every=2,
+                     output_dir='./output_demo/pretrain')
 
 
 def get_args_parser():
@@ -65,6 +67,12 @@ def get_args_parser():
     g.add_argument('--vis_every', type=int, default=20,
                    help='every N epochs, visualize.py\'s panels for a few fixed images go to TensorBoard (0: off)')
     g.add_argument('--vis_images', type=int, default=4, help='how many images those panels show')
+    g.add_argument('--knn_every', type=int, default=20,
+                   help='every N epochs, the encoder\'s k-NN top-1/top-5 (main_knn.py\'s protocol) on subsets of '
+                        'train/ and val/ goes to log.txt and TensorBoard (0: off; skipped without labelled val/)')
+    g.add_argument('--knn_train_subset', type=int, default=20000,
+                   help='train/ images the k-NN monitor reads (with the val subset: ~1%% of an ImageNet epoch)')
+    g.add_argument('--knn_val_subset', type=int, default=5000, help='val/ images the k-NN monitor classifies')
     g.add_argument('--teacher_input_norm', default=METHOD['teacher_input_norm'],
                    choices=['imagenet', 'clip', 'teacher'],
                    help='normalisation of the teacher\'s input: ImageNet\'s (as the released code), CLIP\'s, or the '
@@ -81,6 +89,8 @@ def validate_args(args):
         log('note: --norm_pix_loss has no effect on the CLIP target (it normalises pixel targets only)')
     check(args.average_targets == 1 or args.use_clip, '--average_targets needs --use_clip')
     check(args.vis_every >= 0 and args.vis_images >= 1, '--vis_every must be >= 0 and --vis_images >= 1')
+    check(args.knn_every >= 0 and min(args.knn_train_subset, args.knn_val_subset) >= 1,
+          '--knn_every must be >= 0 and the k-NN subsets at least 1 image')
     check(args.average_targets >= 1, f'--average_targets must be at least 1, got {args.average_targets}')
     check(not args.teacher_weights or args.clip_model.startswith('timm:'),
           '--teacher_weights goes with --clip_model timm:<model name>; an OpenAI CLIP file is passed as --clip_model')
@@ -124,6 +134,36 @@ def fixed_images(dataset, count, size):
     return torch.cat(images) if images else None
 
 
+def knn_sets(args):
+    """(train subset, val subset, classes) for the k-NN monitor, or None (with a note) when --data_path has no
+    labelled train/ and val/ (a flat folder, unlabelled shards)."""
+    if not args.knn_every:
+        return None
+    try:
+        train = image_folder(args.data_path, 'train', eval_transform(args.input_size))
+        val = image_folder(args.data_path, 'val', eval_transform(args.input_size))
+    except UserError as e:
+        log(f'note: the k-NN monitor is off: it needs labelled train/ and val/ images ({e})')
+        return None
+    return (engine_knn.spread_subset(train, args.knn_train_subset), engine_knn.spread_subset(val, args.knn_val_subset),
+            len(train.classes))
+
+
+def knn_monitor(args, model, sets, device):
+    """The encoder's k-NN top-1/top-5 now (eager: a few thousand images do not pay for compiling inference
+    graphs), as main_knn.py measures a checkpoint with its default flags."""
+    train, val, classes = sets
+    model.eval()
+    try:  # the global RNG, which masking draws from, left as it was: runs with and without the monitor agree
+        with torch.compiler.set_stance('force_eager'), torch.random.fork_rng(
+                devices=[device] if device.type == 'cuda' else [], device_type=device.type):
+            stats = engine_knn.knn_evaluate(lambda x: model.features(x)[:, 0], train, val, classes, 20, 0.07,
+                                            args.batch_size, args.num_workers, device, args.precision)
+    finally:
+        model.train()
+    return {f'knn_{k}': v for k, v in stats.items()}
+
+
 def main(args):
     validate_args(args)
     device = runtime.start(args)
@@ -135,7 +175,8 @@ def main(args):
     patch_size = models_milan.MODELS[args.model]['patch_size']
     check(args.input_size % patch_size == 0,
           f'--input_size {args.input_size} is not a multiple of {args.model}\'s {patch_size}px patches')
-    teacher = build_teacher(args, patch_size, args.input_size // patch_size)
+    with main_first():  # one download into the cache (timm's or OpenAI's), which the other processes then read
+        teacher = build_teacher(args, patch_size, args.input_size // patch_size)
     model = build_model(args, teacher).to(device)
     if teacher is not None:
         teacher.to(device)
@@ -152,6 +193,8 @@ def main(args):
     logger = runtime.open_logger(args, start[0])
     bad_images = BadImages(len(dataset), args.max_bad_frac)
     vis_images = fixed_images(dataset, args.vis_images, args.input_size) if logger.writer else None
+    knn = knn_sets(args)
+    epoch_steps = engine.iterations_per_epoch(loader, args.accum_iter)  # the x-axis of every scalar
 
     step = functools.partial(engine_pretrain.batch_loss, model, teacher, args=args, device=device,
                              bad_images=bad_images)
@@ -168,12 +211,18 @@ def main(args):
         if stats.stopped:  # saved where it stopped
             completed = False
             break
-        logger.epoch({'epoch': epoch, **stats.logged()})
         log(f'epoch {epoch} done: loss {stats.loss:.4f}, {stats.images_per_sec:.1f} img/s')
         last = epoch + 1 == args.epochs
+        record = {'epoch': epoch, **stats.logged()}
+        if knn is not None and ((epoch + 1) % args.knn_every == 0 or last):
+            record.update(knn_monitor(args, model_without_ddp, knn, device))
+            logger.scalars((epoch + 1) * epoch_steps, knn_acc1=record['knn_acc1'], knn_acc5=record['knn_acc5'])
+            log(f'epoch {epoch}: k-NN top-1 {record["knn_acc1"]:.2f}% top-5 {record["knn_acc5"]:.2f}%')
+        logger.epoch(record)
         if vis_images is not None and args.vis_every and ((epoch + 1) % args.vis_every == 0 or last):
             grids = visualize.panels(model_without_ddp, teacher, vis_images.to(device), args.mask_ratio,
-                                     teacher_input_norm=args.teacher_input_norm, attn_mask=args.attn_mask).grids
+                                     teacher_input_norm=args.teacher_input_norm, attn_mask=args.attn_mask,
+                                     zoom=visualize.readable_zoom(args.input_size)).grids
             logger.writer.add_images('panels', grids, epoch, dataformats='NHWC')
         save(epoch)
         # a signal during the epoch's last steps or its panels: the epoch's checkpoint is the place to stop

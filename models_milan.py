@@ -224,6 +224,15 @@ class MilanViT(nn.Module):
             x = blk(x)
         return self.norm(x)
 
+    def features(self, imgs: torch.Tensor) -> torch.Tensor:
+        """The encoder's normed tokens [B, 1+L, D] of the whole image, no patch masked: what the k-NN monitor
+        reads (engine_knn) and what fine-tuning starts from."""
+        ids = torch.arange(self.num_patches, device=imgs.device).expand(imgs.shape[0], -1)
+        x = self.encoder_tokens(imgs, ids)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
     def cls_attention(self, imgs: torch.Tensor) -> torch.Tensor:
         """[B, L] head-averaged class-token attention to the patches in the last encoder block, every patch
         visible (what visualize.py draws). Computed from the last block's own layers rather than captured by a

@@ -9,6 +9,7 @@ Without a class token (SigLIP), the class slot of the loss is the model's pooled
 attention pool's output). Importance: the class token's head-averaged attention over the patches in the last
 block (after rotary embedding, where the model has one), else the attention pool's probe attention.
 """
+import re
 import sys
 from typing import Optional
 
@@ -203,7 +204,9 @@ def build_timm_teacher(arch: str, weights: str = '', input_size: int = 224, aver
     state = read_teacher_weights(weights) if weights else None
     slip = state is not None and is_slip(state)
     cfg = timm.get_pretrained_cfg(arch)
-    projection = slip or '_clip' in arch.partition('.')[0]
+    base, _, tag = arch.partition('.')
+    # a CLIP's head is its image projection, unless the tag says it was fine-tuned into a classifier
+    projection = slip or ('_clip' in base and not re.search(r'(^|_)ft(_|$)', tag))
     args = {'img_size': input_size, **_openai_activation(arch), **model_args}
     if slip:
         state = from_slip(state)

@@ -34,6 +34,7 @@ from util.logger import log
 from util.pretrained import model_state, read_checkpoint
 
 PAD = 4  # pixels around and between panels
+READABLE = 160  # pixels a panel needs for its map to be read and its label to fit (TensorBoard's panels)
 LABEL_H = 14  # label band above the panels
 GREY = 40  # masked patches in panel (b): dark, so they stand out from grey backgrounds
 EXTENSIONS = ('.jpg', '.jpeg', '.png')
@@ -133,6 +134,11 @@ def panels(model, teacher, images, mask_ratio=0.75, seed=0, teacher_input_norm='
     labels = ['image', f'mask {mask_ratio:.0%}', 'teacher attn' if teacher is not None else 'no teacher',
               'loss (masked)', 'student attn']
     return Panels(np.stack([_compose([c[i] for c in columns], labels, zoom) for i in range(len(image))]), mask.cpu())
+
+
+def readable_zoom(input_size: int) -> int:
+    """The zoom that makes an `input_size` panel at least READABLE pixels wide (1 at 224 px, 3 for the demo's 64)."""
+    return max(1, -(-READABLE // input_size))
 
 
 def _compose(columns, labels, zoom):

@@ -1,7 +1,7 @@
-"""Launched by tests/test_main_classification.py under torchrun (2 processes, gloo): runs an entry point
-in-process on every rank and writes what its main() returned, one JSON per rank.
+"""Launched by tests/test_main_classification.py and tests/test_main_knn.py under torchrun (2 processes, gloo):
+runs an entry point in-process on every rank and writes what its main() returned, one JSON per rank.
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/eval_probe.py OUT_DIR finetune|linprobe ARGS...
+    python -m torch.distributed.run --nproc_per_node 2 tests/eval_probe.py OUT_DIR finetune|linprobe|knn ARGS...
 
 ARGS are the entry point's own flags (e.g. `--eval --resume CKPT ...`). The test makes the assertions.
 One entry point per launch: a second run in the same processes (a second process group after the first was
@@ -15,10 +15,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import main_finetune  # noqa: E402
+import main_knn  # noqa: E402
 import main_linprobe  # noqa: E402
 from util.cli import parse_args  # noqa: E402
 
-ENTRY = {'finetune': main_finetune, 'linprobe': main_linprobe}
+ENTRY = {'finetune': main_finetune, 'linprobe': main_linprobe, 'knn': main_knn}
 
 
 def main():

@@ -362,12 +362,12 @@ def test_a_truncated_shard_is_one_line_naming_it(jpeg_shards, tmp_path):
 
 
 def test_classification_refuses_shards_without_labels(tmp_path):
-    with tarfile.open(tmp_path / 'train-0.tar', 'w') as tar:
-        jpeg = write_jpegs(tmp_path / 'src', 1)[0]
-        tar.add(jpeg, arcname='sample0.jpg')
-    assert len(image_folder(str(tmp_path), 'train', None, labelled=False)) == 1  # pretraining needs none
+    (tmp_path / 'shards').mkdir()
+    with tarfile.open(tmp_path / 'shards' / 'train-0.tar', 'w') as tar:
+        tar.add(write_jpegs(tmp_path / 'src', 1)[0], arcname='sample0.jpg')
+    assert len(image_folder(str(tmp_path / 'shards'), 'train', None, labelled=False)) == 1  # pretraining needs none
     with pytest.raises(UserError, match='without a .cls label .*write them with tools/make_shards.py'):
-        image_folder(str(tmp_path), 'train', None)
+        image_folder(str(tmp_path / 'shards'), 'train', None)
 
 
 def test_pretraining_reads_a_flat_folder_of_images(tmp_path):

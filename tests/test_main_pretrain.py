@@ -43,7 +43,7 @@ def test_demo_defaults_need_no_dataset(tmp_path, capsys):
     assert [image.step for image in tb.Images('panels')] == [0]  # the last epoch's visualisation panels
     stats = [json.loads(line) for line in open(out / 'log.txt')]
     assert [s['epoch'] for s in stats] == [0] and stats[0]['train_loss'] > 0
-    assert set(stats[0]) == {'epoch', 'train_loss', 'train_lr', 'train_images_per_sec'}  # no loop bookkeeping
+    assert set(stats[0]) == {'epoch', 'train_loss', 'train_lr', 'train_images_per_sec', 'knn_acc1', 'knn_acc5'}
     ckpt = torch.load(out / 'checkpoint-last.pth', weights_only=True)
     assert ckpt['kind'] == 'pretrain' and ckpt['args']['model'] == 'mae_vit_tiny_patch8'
     assert not any(k.startswith(('teacher', 'clip')) for k in ckpt['model'])
@@ -256,7 +256,7 @@ def test_resume_of_another_model_is_refused(tiny_data, tmp_path):
     (['--mask_ratio', '0.5'], '--mask_ratio 0.75, not --mask_ratio 0.5'),
     (['--clip_model', 'ViT-B/16'], '--clip_model random, not --clip_model ViT-B/16'),
     (['--teacher_input_norm', 'clip'], '--teacher_input_norm imagenet, not --teacher_input_norm clip'),
-    (['--teacher_input_size', '64'], '--teacher_input_size None, not --teacher_input_size 64'),
+    (['--teacher_input_size', '64'], '--teacher_input_size 32, not --teacher_input_size 64'),
 ])
 def test_resume_with_another_method_is_refused_naming_output_dir(milan_checkpoint, tiny_data, tmp_path, changed,
                                                                  message):

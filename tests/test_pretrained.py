@@ -118,3 +118,46 @@ def test_unreadable_weight_files_say_why_in_our_words(tmp_path, content, reason)
         message = str(error.value)
         assert f'cannot read {path} as a ' in message and f'({reason}); it may be truncated' in message
         assert 'Error' not in message and 'miniz' not in message
+
+
+def mmpretrain_name(key):
+    """Our (timm's) key as MMPretrain's VisionTransformer names it: written out here, independently of the code."""
+    block = key.split('.')
+    if key.startswith('blocks.'):
+        i, rest = block[1], '.'.join(block[2:])
+        rest = {'norm1': 'ln1', 'norm2': 'ln2', 'mlp.fc1': 'ffn.layers.0.0', 'mlp.fc2': 'ffn.layers.1'}.get(
+            rest.rsplit('.', 1)[0], rest.rsplit('.', 1)[0]) + '.' + rest.rsplit('.', 1)[1]
+        return f'backbone.layers.{i}.{rest}'
+    if key.startswith('head.'):
+        return 'head.fc.' + block[1]
+    return 'backbone.' + {'patch_embed.proj': 'patch_embed.projection', 'norm': 'ln1', 'fc_norm': 'ln2'}.get(
+        key.rsplit('.', 1)[0], key.rsplit('.', 1)[0]) + ('.' + key.rsplit('.', 1)[1] if '.' in key else '')
+
+
+@pytest.mark.parametrize('kind', ['pretrain', 'finetune'])
+def test_mmpretrain_checkpoints_load_with_every_key_accounted_for(tmp_path, kind, capsys):
+    """MMPretrain's MILAN files: MMEngine's {'meta', 'state_dict'} wrapping, `backbone.*` (`ln1` the final norm,
+    `ln2` the pooled one), `head.fc.*`; the pretraining file's decoder (`neck.*`) and CLIP teacher
+    (`target_generator.*`) dropped by name. The same features as the same weights in our layout."""
+    finetuned = kind == 'finetune'
+    torch.manual_seed(0)
+    source = models_vit.create_model('vit_tiny_patch8', 32, num_classes=4 if finetuned else 0, global_pool=finetuned)
+    for p in source.parameters():
+        p.data.add_(0.01 * torch.randn_like(p))
+    mm = {mmpretrain_name(k): v for k, v in source.state_dict().items()}
+    assert 'backbone.layers.3.ffn.layers.0.0.weight' in mm and 'backbone.patch_embed.projection.bias' in mm
+    if not finetuned:
+        mm.update({'neck.mask_token': torch.zeros(1, 1, 16), 'neck.decoder_blocks.0.attn.q.weight': torch.zeros(4, 4),
+                   'neck.ln1.weight': torch.ones(16), 'target_generator.tokenizer.visual.proj': torch.zeros(8, 4)})
+    torch.save({'meta': {'epoch': 400, 'mmengine_version': '0.7.0'}, 'state_dict': mm}, tmp_path / 'mm.pth')
+    target = models_vit.create_model('vit_tiny_patch8', 32, num_classes=4 if finetuned else 0, global_pool=finetuned)
+    load_pretrained(target, str(tmp_path / 'mm.pth'), allowed_missing=())
+    log = capsys.readouterr().out
+    assert 'MMPretrain layout' in log and ('neck.*' in log and 'target_generator.*' in log) != finetuned
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(target.eval()(x), source.eval()(x), rtol=0, atol=0)
+    mm['backbone.layers.0.gamma1'] = torch.ones(192)  # layer scale: a ViT this code does not build
+    torch.save({'state_dict': mm}, tmp_path / 'other.pth')
+    with pytest.raises(UserError, match='backbone.layers.0.gamma1 has no counterpart') as e:
+        load_pretrained(target, str(tmp_path / 'other.pth'), allowed_missing=())
+    assert '\n' not in str(e.value)

@@ -100,14 +100,34 @@ def test_find_shards_without_split_names_are_training_shards(tmp_path):
     single_line_error(e, 'val')
 
 
-def test_find_shards_of_a_pattern_or_a_file_whatever_the_split(tmp_path):
+def test_find_shards_of_a_pattern_or_a_file(tmp_path):
+    """A pattern is the training shards; evaluation reads a pattern only when it names the split, or the same
+    pattern with 'train' replaced by the split's name, so that val is never silently the training images."""
     paths = touch(tmp_path, 'a-00.tar', 'a-01.tar', 'a-02.tar')
-    assert find_shards(str(tmp_path / 'a-{00..02}.tar'), 'val') == paths
+    assert find_shards(str(tmp_path / 'a-{00..02}.tar'), 'train') == paths
+    with pytest.raises(UserError) as e:
+        find_shards(str(tmp_path / 'a-{00..02}.tar'), 'val')
+    single_line_error(e, 'names training shards, and no val shards were found beside them')
+    train = touch(tmp_path, 'in1k-train-0.tar', 'in1k-train-1.tar')
+    val = touch(tmp_path, 'in1k-validation-0.tar', 'in1k-validation-1.tar')
+    assert find_shards(str(tmp_path / 'in1k-train-{0..1}.tar'), 'val') == val
+    assert find_shards(str(tmp_path / 'in1k-validation-{0..1}.tar'), 'val') == val
+    assert find_shards(train[0], 'train') == [train[0]] and find_shards(train[0], 'val') == [val[0]]
     assert find_shards(paths[1], 'train') == [paths[1]]
     assert find_shards(str(tmp_path / 'notes.txt'), 'train') is None
     with pytest.raises(UserError) as e:
         find_shards(str(tmp_path / 'a-{00..05}.tar'), 'train')
     single_line_error(e, str(tmp_path / 'a-03.tar'))
+
+
+
+def test_a_stray_tar_in_an_image_folder_leaves_it_an_image_folder(tmp_path):
+    """ImageNet's val/ often keeps ILSVRC2012_img_val.tar beside the extracted class folders."""
+    (tmp_path / 'val' / 'n01440764').mkdir(parents=True)
+    touch(tmp_path / 'val', 'ILSVRC2012_img_val.tar')
+    assert find_shards(str(tmp_path), 'val') is None
+    touch(tmp_path, 'photo.jpg', 'stray-train.tar')
+    assert find_shards(str(tmp_path), 'train') is None
 
 
 # The index -------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFont
 
 import models_milan
 import visualize
@@ -155,3 +155,13 @@ def test_command_line_error_is_one_line(tmp_path, monkeypatch, capsys):
         runpy.run_path(os.path.join(ROOT, 'visualize.py'), run_name='__main__')
     assert exit_.value.code == 2
     assert capsys.readouterr().err == f'error: checkpoint {tmp_path / "missing.pth"}: no such file\n'
+
+
+@pytest.mark.parametrize('size,zoom', [(32, 5), (64, 3), (160, 1), (224, 1)])
+def test_tensorboard_panels_are_large_enough_for_their_labels(size, zoom):
+    """main_pretrain enlarges TensorBoard's panels to at least visualize.READABLE pixels, where every label fits."""
+    assert visualize.readable_zoom(size) == zoom and size * zoom >= visualize.READABLE
+    font = ImageFont.load_default(size=visualize.LABEL_H - 3)
+    widest = max(font.getlength(label) for label in ('image', 'mask 75%', 'teacher attn', 'no teacher',
+                                                      'loss (masked)', 'student attn'))
+    assert widest < visualize.READABLE

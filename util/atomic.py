@@ -2,14 +2,15 @@
 never half of a new one."""
 import contextlib
 import os
+import socket
 
 
 @contextlib.contextmanager
 def atomic_file(path: str, mode: str = 'wb'):
-    """A file to write, opened beside `path` under a temporary name (`<path>.tmp.<pid>`, so processes writing the
-    same path at once each write their own), flushed to disk and renamed over `path` when the block ends
-    without an error; removed otherwise."""
-    tmp = f'{path}.tmp.{os.getpid()}'
+    """A file to write, opened beside `path` under a temporary name (`<path>.tmp.<host>.<pid>`, so processes
+    writing the same path at once, on one machine or several, each write their own), flushed to disk and renamed
+    over `path` when the block ends without an error; removed otherwise."""
+    tmp = f'{path}.tmp.{socket.gethostname()}.{os.getpid()}'
     try:
         with open(tmp, mode) as f:
             yield f

@@ -99,7 +99,8 @@ def add_common_args(parser):
 
     g = parser.add_argument_group('data and output')
     g.add_argument('--data_path', default=None,
-                   help='ImageNet-layout folder (train/<class>/...); omit to run the built-in CPU demo')
+                   help='an ImageNet-layout folder (train/<class>/...), tar shards (a brace pattern, .tar files or a '
+                        'folder of them) or, for pretraining, a folder of images; omit to run the built-in CPU demo')
     g.add_argument('--output_dir', default=None, help='checkpoints, log.txt, config.json')
     g.add_argument('--log_dir', default=None, help='TensorBoard events (default: output_dir)')
     g.add_argument('--num_workers', type=int, default=10,

@@ -57,6 +57,8 @@ def settle_flags(args, given: set) -> None:
             args.finetune = DEMO_PRETRAIN
         else:
             log(f'no {DEMO_PRETRAIN} (run `python main_pretrain.py` first): training from random initialisation')
+    if getattr(args, 'teacher_input_size', 0) is None and args.use_clip:  # a teacher sees the student's size
+        args.teacher_input_size = args.input_size
     for flag in PATH_FLAGS:
         if os.path.isfile(getattr(args, flag, None) or ''):
             setattr(args, flag, os.path.abspath(getattr(args, flag)))

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, d
 from torchvision import datasets, transforms
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
-from util.distributed import all_reduce_sum, main_first, rank, union_of_sets, world_size
+from util.distributed import all_reduce_sum, in_turn, rank, union_of_sets, world_size
 from util.errors import LocalError, UserError
 from util.preemption import ignore_stop_signals
 from util.shards import ShardIndex, find_shards
@@ -108,8 +108,10 @@ class ShardImages(Dataset):
     """The samples of WebDataset tar shards (util.shards): images by random access, labels from `.cls`."""
 
     def __init__(self, shards, transform):
-        with main_first():  # one process scans the shards; the others read the index it cached
-            self.index = ShardIndex(shards)
+        with in_turn():  # each process indexes its share of the shards (cached), then all read the whole index
+            if shards[rank()::world_size()]:
+                ShardIndex(shards[rank()::world_size()])
+        self.index = ShardIndex(shards)
         self.transform = transform
         self.root = os.path.dirname(shards[0]) if len(shards) > 1 else shards[0]
         self.samples = list(zip(self.index.names, self.index.labels))
@@ -145,8 +147,9 @@ def image_folder(data_path, split, transform, labelled=True):
                             f'{min(dataset.samples, key=lambda s: s[1])[0]}); write them with tools/make_shards.py')
         return dataset
     root = os.path.join(data_path, split)
-    if not labelled and not os.path.isdir(root) and os.path.isdir(data_path):
-        root = data_path  # unlabelled images need no split folder
+    if not labelled and not os.path.isdir(root) and os.path.isdir(data_path) and \
+            not any(os.path.isdir(os.path.join(data_path, s)) for s in ('val', 'validation', 'test')):
+        root = data_path  # unlabelled images need no split folder (but a val/ alone is no training set)
     if not os.path.isdir(root):
         raise UserError(f'no folder {root}: --data_path must hold {split}/<class>/<images> (the ImageNet layout)'
                         f'{"" if labelled else ", a folder of images, or tar shards"}')
@@ -392,7 +395,8 @@ class ShardSampler(torch.utils.data.Sampler):
         return len(self.indices)
 
 
-def eval_loader(dataset, batch_size, num_workers, pin_memory):
+def eval_loader(dataset, batch_size, num_workers, pin_memory, collate_fn=None):
     """Evaluation sharded exactly over the processes (each image counted once)."""
     return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), rank(), world_size()),
-                      num_workers=num_workers, pin_memory=pin_memory, drop_last=False, worker_init_fn=init_worker)
+                      num_workers=num_workers, pin_memory=pin_memory, drop_last=False, worker_init_fn=init_worker,
+                      collate_fn=collate_fn)

@@ -102,6 +102,17 @@ def main_first():
             dist.barrier()
 
 
+@contextlib.contextmanager
+def in_turn():
+    """Each process runs the block, then all wait for each other (also after an error, which the others then
+    meet themselves rather than waiting forever): work split over the processes whose results all then read."""
+    try:
+        yield
+    finally:
+        if dist.is_initialized():
+            dist.barrier()
+
+
 def all_reduce_mean(tensor):
     """Mean of a tensor over all processes (returned as a new tensor)."""
     tensor = tensor.detach().clone()
@@ -127,6 +138,20 @@ def all_reduce_any(flags):
     if dist.is_initialized():
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     return [bool(f) for f in flags.tolist()]
+
+
+def gather_strided(local: torch.Tensor, total: int) -> torch.Tensor:
+    """Every process's rows [n_r, ...] of a dataset sharded as util.data.ShardSampler shards it (process r holds
+    the items r, r + W, r + 2W, ...), put together in dataset order: [total, ...] on every process."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return local
+    world = dist.get_world_size()
+    per = -(-total // world)
+    padded = local.new_zeros((per, *local.shape[1:]))
+    padded[:len(local)] = local
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded)
+    return torch.stack(gathered, dim=1).reshape(world * per, *local.shape[1:])[:total]
 
 
 def union_of_sets(local):

@@ -1,7 +1,8 @@
-"""Reading any checkpoint (ours, or a released MAE/MILAN file) safely, and loading a pretrained encoder
+"""Reading any checkpoint (ours, a released MAE/MILAN file, MMPretrain's) safely, and loading a pretrained encoder
 into a fine-tuning/probing ViT."""
 import argparse
 import os
+import re
 
 import torch
 
@@ -59,12 +60,58 @@ def load_failure(error, path):
     return 'not a pickle or zip archive that torch wrote'
 
 
+# MMPretrain's ViT (mmpretrain.models.backbones.VisionTransformer, which MILAN's and MAE's backbones extend) in
+# timm's names; its decoder and teacher are dropped by name, with the reason logged.
+MMPRETRAIN_NAMES = ((r'patch_embed\.projection\.', 'patch_embed.proj.'), (r'layers\.(\d+)\.ln1\.', r'blocks.\1.norm1.'),
+                    (r'layers\.(\d+)\.ln2\.', r'blocks.\1.norm2.'), (r'layers\.(\d+)\.attn\.', r'blocks.\1.attn.'),
+                    (r'layers\.(\d+)\.ffn\.layers\.0\.0\.', r'blocks.\1.mlp.fc1.'),
+                    (r'layers\.(\d+)\.ffn\.layers\.1\.', r'blocks.\1.mlp.fc2.'), (r'ln1\.', 'norm.'),
+                    (r'ln2\.', 'fc_norm.'), (r'(cls_token|pos_embed)$', r'\1'))
+MMPRETRAIN_HEADS = ('head.fc.', 'head.layers.head.')  # fine-tuning's LinearClsHead, probing's ViT head
+MMPRETRAIN_DROPPED = {'neck.': 'the pretraining decoder (MILAN\'s prompting decoder, MAE\'s) or the linear probe\'s '
+                               'BatchNorm statistics', 'target_generator.': 'the frozen CLIP teacher',
+                      'data_preprocessor.': 'the input normalisation constants'}
+
+
+def is_mmpretrain(state):
+    return 'backbone.patch_embed.projection.weight' in state
+
+
+def from_mmpretrain(state, path):
+    """MMPretrain's keys (`backbone.*`, `head.*`) in timm's names; every other key is dropped by name with a
+    reason, and a key that is neither is refused (it would mean a model this code does not know)."""
+    out, dropped = {}, {}
+    for key, value in state.items():
+        if key.startswith('backbone.'):
+            rest = key[len('backbone.'):]
+            for pattern, name in MMPRETRAIN_NAMES:
+                if re.match(pattern, rest):
+                    out[re.sub(pattern, name, rest, count=1)] = value
+                    break
+            else:
+                raise UserError(f'{path}: MMPretrain key {key} has no counterpart in a timm ViT; pass a plain ViT '
+                                f'checkpoint (MILAN, MAE or its fine-tuned model)')
+        elif key.startswith(MMPRETRAIN_HEADS):
+            out['head.' + key.rsplit('.', 1)[1]] = value
+        else:
+            prefix = next((p for p in MMPRETRAIN_DROPPED if key.startswith(p)), None)
+            if prefix is None:
+                raise UserError(f'{path}: MMPretrain key {key} is neither the ViT, its head, nor a part this code '
+                                f'drops knowingly; pass a MILAN/MAE checkpoint or its fine-tuned model')
+            dropped[prefix] = dropped.get(prefix, 0) + 1
+    log(f'{path}: MMPretrain layout, {len(out)} tensors in timm\'s names; dropped '
+        + (', '.join(f'{n} {p[:-1]}.* ({MMPRETRAIN_DROPPED[p]})' for p, n in dropped.items()) or 'nothing'))
+    return out
+
+
 def model_state(ckpt, path):
-    """The weights, with the DDP/compile prefixes stripped; a bare state dict is its own weights."""
+    """The weights, with the DDP/compile prefixes stripped (MMPretrain's in timm's names); a bare state dict is its
+    own weights."""
     state = ckpt.get('model', ckpt.get('state_dict', ckpt))
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f'{path} holds no model state dict')
-    return strip_prefixes(state)
+    state = strip_prefixes(state)
+    return from_mmpretrain(state, path) if is_mmpretrain(state) else state
 
 
 def read_pretrained(path):

@@ -8,10 +8,12 @@ offsets cached as JSON (`<shard>.idx.json`, or under the user's cache folder whe
 so opening a dataset later reads one small file per shard, and an image is one `pread`."""
 import collections
 import concurrent.futures
+import contextlib
 import hashlib
 import json
 import os
 import re
+import resource
 import tarfile
 from typing import Optional
 
@@ -26,7 +28,22 @@ from util.logger import log
 IMAGE_EXTENSIONS = frozenset(('jpg', 'jpeg', 'png', 'ppm', 'bmp', 'pgm', 'tif', 'tiff', 'webp'))
 INDEX_FORMAT = 1
 END_OF_ARCHIVE = 2 * tarfile.BLOCKSIZE  # the two zero blocks every tar writer ends with
-MAX_OPEN_SHARDS = 64  # per process: random access touches every shard, and open files are limited (ulimit -n)
+def _open_file_budget():
+    """Shard files a process keeps open: random access touches every shard, so as many as the open-file limit
+    allows (raised to its hard maximum), leaving half of it to everything else; reopening a shard per image would
+    cost a metadata round trip on a network file system."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = 65536 if hard == resource.RLIM_INFINITY else hard
+    if soft == resource.RLIM_INFINITY:
+        return target // 2
+    if soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    return max(64, soft // 2)
+
+
+MAX_OPEN_SHARDS = _open_file_budget()
 INDEX_THREADS = 8  # the header scan waits on the disk (or network file system), not on the CPU
 SPLIT_NAMES = {'val': ('val', 'validation'), 'validation': ('val', 'validation')}
 KNOWN_SPLITS = ('train', 'val', 'validation', 'test')
@@ -101,33 +118,56 @@ def _names_split(filename, split):
     return re.search(rf'(?<![a-z]){re.escape(split)}(?![a-z])', filename.lower()) is not None
 
 
+def _holds_images(folder):
+    """An image folder (class folders, or images) that may also hold a stray .tar: ImageNet's val/ often keeps
+    ILSVRC2012_img_val.tar beside the extracted images. Such a folder is read as images, never as shards."""
+    return any(entry.is_dir() or entry.name.lower().rsplit('.', 1)[-1] in IMAGE_EXTENSIONS
+               for entry in os.scandir(folder))
+
+
+def _named_shards(pattern, split, names):
+    """The shards a pattern or file names, for `split`: as named for 'train'; for another split only when the
+    pattern names that split, or names 'train' and the same pattern with the split's name finds shards, so that
+    evaluation never silently runs on the training images."""
+    if split != 'train' and not any(_names_split(os.path.basename(pattern), name) for name in names):
+        candidates = [re.sub(r'(?<![a-z])train(?![a-z])', name, pattern) for name in names]
+        found = next((c for c in candidates if c != pattern and all(os.path.isfile(p) for p in expand(c))), None)
+        if found is None:
+            raise UserError(f'--data_path {pattern} names training shards, and no {split} shards were found beside '
+                            f'them; put both splits in one folder (train-*.tar, {split}-*.tar) and pass the folder')
+        pattern = found
+    shards = expand(pattern)
+    missing = next((path for path in shards if not os.path.isfile(path)), None)
+    if missing:
+        raise UserError(f'no shard {missing} (of the {len(shards)} that {pattern} names); fix the pattern or '
+                        f'copy the missing shards')
+    return shards
+
+
 def find_shards(data_path: str, split: str) -> Optional[list[str]]:
     """The shard files of `split`, or None when data_path is no shard source (an image folder, or nothing):
-    - a brace pattern (`shards/train-{0000..0146}.tar`) or one .tar file: those shards, whatever the split;
+    - a brace pattern (`shards/train-{0000..0146}.tar`) or one .tar file: those shards for 'train'; for another
+      split the pattern must name it, or name 'train' with the split's shards beside (`val-{...}.tar`);
+    - a folder holding images or sub-folders is an image folder, even with a .tar in it;
     - a folder `data_path/<split>/` holding *.tar: those; 'val' also looks in `validation/`;
     - a folder holding *.tar whose names hold the split as a word (`imagenet1k-train-0000.tar`; 'val' also
       matches `validation`, as timm's imagenet-1k-wds names it): those;
     - a folder holding *.tar of which none names a split: all of them for 'train' (the shards of one
       dataset), and a UserError for another split, which would otherwise silently be the training images.
     Folders' shards come in natural order (`x-2.tar` before `x-10.tar`); a pattern's in its own order."""
-    if '{' in data_path:
-        shards = expand(data_path)
-        missing = next((path for path in shards if not os.path.isfile(path)), None)
-        if missing:
-            raise UserError(f'no shard {missing} (of the {len(shards)} that {data_path} names); fix the pattern or '
-                            f'copy the missing shards')
-        return shards
-    if os.path.isfile(data_path):
-        return [data_path] if data_path.endswith('.tar') else None
+    names = SPLIT_NAMES.get(split, (split,))
+    if '{' in data_path or os.path.isfile(data_path):
+        if not data_path.endswith('.tar') and '{' not in data_path:
+            return None
+        return _named_shards(data_path, split, names)
     if not os.path.isdir(data_path):
         return None
-    names = SPLIT_NAMES.get(split, (split,))
     for name in names:
         folder = os.path.join(data_path, name)
         if os.path.isdir(folder):
-            return _tars(folder) or None
+            return None if _holds_images(folder) else (_tars(folder) or None)
     tars = _tars(data_path)
-    if not tars:
+    if not tars or _holds_images(data_path):
         return None
     named = [path for path in tars if any(_names_split(os.path.basename(path), name) for name in names)]
     if named:
@@ -269,8 +309,8 @@ class ShardIndex:
     def __init__(self, shards: list[str]):
         if not shards:
             raise UserError('no shards given; pass shard files, a brace pattern or a folder of .tar shards')
-        absolute = [os.path.abspath(path) for path in shards]
-        twice = next((path for path, a in zip(shards, absolute) if absolute.count(a) > 1), None)
+        absolute = collections.Counter(os.path.abspath(path) for path in shards)
+        twice = next((path for path in shards if absolute[os.path.abspath(path)] > 1), None)
         if twice:
             raise UserError(f'shard {twice} is listed twice; list each shard once')
         self.shards = list(shards)
