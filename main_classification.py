@@ -82,7 +82,7 @@ def run(args, kind, build_model, build_optimizer, train_transform, criterion, mi
         cleanup()
         return stats
 
-    loader = train_loader(train_set, args.batch_size, args.num_workers, pin, args.seed)
+    loader = train_loader(train_set, args.batch_size, args.num_workers, pin, args.seed, max_bad_frac=args.max_bad_frac)
     start, resumed = resume_training(args, model_without_ddp, optimizer, scaler, kind, found=found)
     best = resumed.get('best_acc1', 0.0) if resumed else 0.0
     del found, resumed  # the checkpoint's tensors, which would stay in host memory for the whole run

@@ -171,7 +171,7 @@ def main(args):
 
     dataset = image_folder(args.data_path, 'train', pretrain_transform(args.input_size), labelled=False)
     loader = train_loader(dataset, args.batch_size, args.num_workers, args.pin_mem and device.type == 'cuda',
-                          args.seed, args.input_size if args.gpu_decode else None)
+                          args.seed, args.input_size if args.gpu_decode else None, args.max_bad_frac)
     patch_size = models_milan.MODELS[args.model]['patch_size']
     check(args.input_size % patch_size == 0,
           f'--input_size {args.input_size} is not a multiple of {args.model}\'s {patch_size}px patches')

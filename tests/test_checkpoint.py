@@ -1,6 +1,8 @@
 """util/checkpoint.py: atomic checkpoint files, the latest one, resuming, and refusing bad files."""
 import argparse
+import errno
 import os
+import shutil
 
 import pytest
 import torch
@@ -74,3 +76,29 @@ def test_load_checkpoint_refuses_bad_files(tmp_path):
     save_atomic({'kind': 'finetune', 'model': {}}, str(other))
     with pytest.raises(UserError, match='not a pretrain checkpoint'):
         load_checkpoint(str(other), 'pretrain')
+
+
+def test_a_full_disk_is_one_line_and_the_last_checkpoint_survives(tmp_path, monkeypatch):
+    """ENOSPC as torch's writer reports it (a RuntimeError chained from the OSError), and a disk whose free space is
+    below the size of the checkpoint being replaced, checked before writing."""
+    path = str(tmp_path / 'checkpoint-last.pth')
+    save_atomic({'kind': 'pretrain', 'epoch': 1, 'w': torch.ones(1000)}, path)
+
+    def full(*args, **kwargs):
+        try:
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        except OSError as e:
+            raise RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos 64') from e
+
+    monkeypatch.setattr(torch, 'save', full)
+    with pytest.raises(UserError) as e:
+        save_atomic({'kind': 'pretrain', 'epoch': 2}, path)
+    message = str(e.value)
+    assert message.startswith(f'no space left in {tmp_path} to write checkpoint-last.pth (it needs about ')
+    assert 'the last good checkpoint there is intact' in message and '\n' not in message
+    assert load_checkpoint(path, 'pretrain')['epoch'] == 1 and os.listdir(tmp_path) == ['checkpoint-last.pth']
+    monkeypatch.undo()
+    monkeypatch.setattr(shutil, 'disk_usage', lambda folder: shutil._ntuple_diskusage(10 ** 9, 10 ** 9 - 10, 10))
+    with pytest.raises(UserError, match='^no space left in .* GiB are free'):
+        save_atomic({'kind': 'pretrain', 'epoch': 2}, path)
+    assert load_checkpoint(path, 'pretrain')['epoch'] == 1

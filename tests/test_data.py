@@ -234,6 +234,34 @@ def test_only_unreadable_images_is_one_line_naming_the_first(tmp_path):
     assert message.startswith(f'3 consecutive unreadable images from {paths[1]}; is ') and '\n' not in message
 
 
+
+class BadRun(Dataset):
+    """`length` samples of which the first `bad` are unreadable: files that sort together, as a bad copy of one
+    folder leaves them."""
+
+    def __init__(self, length, bad):
+        self.samples, self.bad, self.root = [(f'img_{i:04d}.jpg', 0) for i in range(length)], bad, 'folder'
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        if i < self.bad:
+            raise UserError(f'cannot read image {self.samples[i][0]}')
+        return torch.full((1,), float(i)), 0
+
+
+def test_a_run_of_unreadable_images_is_skipped_while_the_fraction_allows_it():
+    """33 unreadable images in a row out of 1,057 (3.1%) are skipped under --max_bad_frac 0.1; past what the
+    fraction allows in a row, it is one line."""
+    image, _, bad = TrainSet(BadRun(1057, 33), seed=0, max_bad_frac=0.1)[(0, 0)]
+    assert image.item() == 33 and len(bad) == 33
+    with pytest.raises(LocalError, match='^32 consecutive unreadable images from img_0000.jpg'):
+        TrainSet(BadRun(100, 40), seed=0, max_bad_frac=0.1)[(0, 0)]  # at least 32 looked at, more for large sets
+    with pytest.raises(LocalError, match='^106 consecutive unreadable images'):
+        TrainSet(BadRun(1057, 200), seed=0, max_bad_frac=0.1)[(0, 0)]  # 10% of 1,057, plus one
+
+
 def test_bad_images_are_logged_once_and_stop_the_run_past_the_threshold(capsys):
     bad = BadImages(dataset_size=10, max_frac=0.2)
     assert bad.check() == 0

@@ -186,3 +186,21 @@ def test_corrupt_images(tiny_data, tmp_path, fraction, ok):
     else:
         assert result.returncode == 2
         assert 'training images are unreadable' in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_damaged_last_checkpoint_leaves_the_numbered_one_and_names_it(tiny_data, tmp_path):
+    """checkpoint-last.pth and the numbered checkpoint are separate files: truncating the one the run resumes from
+    leaves the history loadable, and the refusal names the newest numbered checkpoint and the --resume line."""
+    out = tmp_path / 'out'
+    result = run_cli(argv(tiny_data, out, '--epochs', '2', '--save_every', '1', '--keep_last', '2'))
+    assert result.returncode == 0, result.stderr
+    last, numbered = out / 'checkpoint-last.pth', out / 'checkpoint-1.pth'
+    assert os.stat(last).st_ino != os.stat(numbered).st_ino
+    content = last.read_bytes()
+    last.write_bytes(content[:len(content) // 2])
+    assert torch.load(numbered, weights_only=True)['epoch'] == 1
+    again = run_cli(argv(tiny_data, out, '--epochs', '3'))
+    assert again.returncode == 2 and 'Traceback' not in again.stderr
+    assert f'the newest numbered checkpoint that loads is {numbered}: resume from it with --resume {numbered}' \
+        in again.stderr
+    assert run_cli(argv(tiny_data, out, '--epochs', '3', '--resume', str(numbered))).returncode == 0

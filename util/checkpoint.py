@@ -1,5 +1,7 @@
 """Checkpoints as plain dicts (tensors, numbers, strings, lists) that `torch.load(weights_only=True)`
 reads, written atomically so a crash mid-write never destroys the last good one."""
+import contextlib
+import errno
 import glob
 import os
 import re
@@ -18,10 +20,30 @@ from util.pretrained import load_failure
 LAST = 'checkpoint-last.pth'
 
 
+def _space_error(path, needed):
+    folder = os.path.dirname(os.path.abspath(path))
+    free = shutil.disk_usage(folder).free
+    size = f'about {needed / 2 ** 30:.2f} GiB' if needed else 'its size'
+    kept = 'the last good checkpoint there is intact' if os.path.isfile(path) else 'nothing was written'
+    return UserError(f'no space left in {folder} to write {os.path.basename(path)} (it needs {size}, '
+                     f'{free / 2 ** 30:.2f} GiB are free); {kept}: free space or pass another --output_dir, then '
+                     f'run the same command again')
+
+
 def save_atomic(state, path):
-    """Write to a temporary file beside `path`, flush it to disk, then rename over `path`."""
-    with atomic_file(path) as f:
-        torch.save(state, f)
+    """Write to a temporary file beside `path`, flush it to disk, then rename over `path`. A disk too full for it
+    (judged first from the size of the file it replaces) is one line, and the previous file stays intact."""
+    needed = os.path.getsize(path) if os.path.isfile(path) else 0
+    if needed and shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < needed:
+        raise _space_error(path, needed)
+    try:
+        with atomic_file(path) as f:
+            torch.save(state, f)
+    except (OSError, RuntimeError) as e:  # torch's writer reports ENOSPC as a RuntimeError chained from it
+        cause = e if isinstance(e, OSError) else e.__cause__ or e.__context__
+        if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
+            raise _space_error(path, needed) from None
+        raise
 
 
 def latest_checkpoint(output_dir):
@@ -82,6 +104,20 @@ def load_optimizer_state(optimizer, state):
             f'{", ".join(sorted(changed))}')
 
 
+def _newest_loadable(output_dir, kind, broken):
+    """The newest numbered checkpoint in output_dir that loads, other than `broken`, or None."""
+    numbered = []
+    for path in glob.glob(os.path.join(output_dir, 'checkpoint-*.pth')):
+        match = re.fullmatch(r'checkpoint-(\d+)\.pth', os.path.basename(path))
+        if match and os.path.abspath(path) != os.path.abspath(broken):
+            numbered.append((int(match.group(1)), path))
+    for _, path in sorted(numbered, reverse=True):
+        with contextlib.suppress(UserError):
+            load_checkpoint(path, kind)
+            return path
+    return None
+
+
 def find_resume(args, kind, same_flags=('model',)):
     """(path, checkpoint) to resume from (--resume or the newest in output_dir), or (None, None) for a new run;
     refused when its flags in `same_flags` differ from this run's, or when a mid-epoch state cannot be
@@ -89,7 +125,14 @@ def find_resume(args, kind, same_flags=('model',)):
     path = args.resume or latest_checkpoint(args.output_dir)
     if not path:
         return None, None
-    ckpt = load_checkpoint(path, kind)
+    try:
+        ckpt = load_checkpoint(path, kind)
+    except UserError as e:
+        fallback = None if args.resume else _newest_loadable(args.output_dir, kind, path)
+        if fallback is None:
+            raise
+        raise UserError(f'{e}; the newest numbered checkpoint that loads is {fallback}: resume from it with '
+                        f'--resume {fallback}') from None
     if 'optimizer' not in ckpt:
         raise UserError(f'checkpoint {path} holds weights only; resume from checkpoint-last.pth in its folder')
     saved = ckpt.get('args', {})
@@ -151,7 +194,7 @@ def save_training(args, epoch, model, optimizer, scaler, kind, resume_iter=0, ex
     last = os.path.join(args.output_dir, LAST)
     save_atomic(state, last)
     if resume_iter == 0:
-        _link_or_copy(last, os.path.join(args.output_dir, f'checkpoint-{epoch}.pth'))
+        _copy(last, os.path.join(args.output_dir, f'checkpoint-{epoch}.pth'))
         _prune(args.output_dir, epoch, args.keep_last, args.save_every, args.epochs)
 
 
@@ -166,11 +209,13 @@ def _prune(output_dir, newest, keep_last, save_every, epochs):
             os.remove(path)
 
 
-def _link_or_copy(src, dst):
-    """A second name for a finished checkpoint without writing it again (a copy where links fail)."""
-    tmp = f'{dst}.tmp.{os.getpid()}'
+def _copy(src, dst):
+    """The numbered checkpoint as a file of its own, not a second name for the last one: damage to the file a run
+    resumes from must not also damage the history it falls back to."""
     try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+        with open(src, 'rb') as source, atomic_file(dst) as target:
+            shutil.copyfileobj(source, target, 1 << 24)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise _space_error(dst, os.path.getsize(src)) from None
+        raise

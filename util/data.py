@@ -189,10 +189,13 @@ class TrainSet(Dataset):
     """An image folder indexed by (index, epoch): each sample's augmentation is seeded by sample_seed, and an
     unreadable image is replaced by the next readable one, its path reported with the batch."""
 
-    MAX_CONSECUTIVE_BAD = 32
+    MIN_LOOK_AHEAD = 32
 
-    def __init__(self, folder, seed):
+    def __init__(self, folder, seed, max_bad_frac=0.1):
         self.folder, self.seed = folder, seed
+        # as many unreadable images in a row as --max_bad_frac allows in all: bad files that sort together (a bad
+        # copy of one folder) are common, and BadImages, not this, decides when there are too many
+        self.look_ahead = min(len(folder), max(self.MIN_LOOK_AHEAD, int(max_bad_frac * len(folder)) + 1))
 
     def __len__(self):
         return len(self.folder)
@@ -204,7 +207,7 @@ class TrainSet(Dataset):
     def __getitem__(self, key):
         index, epoch = key
         bad = []
-        for offset in range(min(self.MAX_CONSECUTIVE_BAD, len(self.folder))):
+        for offset in range(self.look_ahead):
             i = (index + offset) % len(self.folder)
             try:
                 with seeded_rng(sample_seed(self.seed, epoch, i)):
@@ -225,8 +228,8 @@ class EncodedImages(NamedTuple):
 class EncodedTrainSet(TrainSet):
     """TrainSet whose samples are (file bytes, crop and flip, path) instead of decoded images."""
 
-    def __init__(self, folder, seed, input_size):
-        super().__init__(folder, seed)
+    def __init__(self, folder, seed, input_size, max_bad_frac=0.1):
+        super().__init__(folder, seed, max_bad_frac)
         self.input_size = input_size
 
     def load(self, i):
@@ -286,7 +289,7 @@ def init_worker(worker_id):
     ignore_stop_signals()
 
 
-def train_loader(folder, batch_size, num_workers, pin_memory, seed, input_size=None):
+def train_loader(folder, batch_size, num_workers, pin_memory, seed, input_size=None, max_bad_frac=0.1):
     """Loader over a TrainSet with a TrainSampler (call `loader.sampler.set_epoch` every epoch); its own
     generator keeps it from drawing on the global RNG, which the training step's masking uses. With
     `input_size`, workers only read the files and draw the pretraining crops: the batch is decoded and
@@ -295,8 +298,8 @@ def train_loader(folder, batch_size, num_workers, pin_memory, seed, input_size=N
     if sampler.batches_per_epoch < 1:
         raise UserError(f'the dataset has {len(folder)} images, fewer than one batch of {batch_size} per '
                         f'process x {world_size()} processes; lower --batch_size')
-    dataset, collate = (TrainSet(folder, seed), collate_train) if input_size is None else \
-        (EncodedTrainSet(folder, seed, input_size), collate_encoded)
+    dataset, collate = (TrainSet(folder, seed, max_bad_frac), collate_train) if input_size is None else \
+        (EncodedTrainSet(folder, seed, input_size, max_bad_frac), collate_encoded)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       collate_fn=collate, pin_memory=pin_memory, drop_last=True,
                       persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed),

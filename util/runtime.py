@@ -11,6 +11,7 @@ import torch
 import torchvision
 from torch.nn.parallel import DistributedDataParallel
 
+from util.atomic import remove_stale_temporaries
 from util.config import cpus_per_process, plain, settle_for_device
 from util.demo_data import ensure_demo_dataset
 from util.distributed import init_distributed
@@ -35,6 +36,9 @@ def start(args):
     np.random.seed(args.seed + args.rank)
     if args.output_dir:
         os.makedirs(args.output_dir, exist_ok=True)
+        stale = remove_stale_temporaries(args.output_dir)
+        if stale:
+            log(f'removed {len(stale)} temporary file(s) that killed writes left in {args.output_dir}')
     if args.demo:
         ensure_demo_dataset(args.data_path)
         log(f'demo run on generated images in {args.data_path} (pass --data_path for real data)')
