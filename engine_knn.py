@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from util.data import eval_loader
+from util.data import eval_loader, eval_transform, image_folder
 from util.distributed import gather_strided
 from util.errors import UserError
 from util.precision import autocast
@@ -101,6 +101,14 @@ def knn_evaluate(encode: Callable[[torch.Tensor], torch.Tensor], train_set: Data
     votes = knn_votes(train[train_ok], labels_of(train_set).to(device)[train_ok], val[val_ok], num_classes, k,
                       temperature)
     return top_k_accuracy(votes, labels_of(val_set).to(device)[val_ok])  # unreadable images left out
+
+
+def knn_sets(data_path: str, input_size: int, train_subset: int, val_subset: int) -> tuple:
+    """(train/'s images, val/'s images, the number of classes) of --data_path at evaluation geometry, each spread
+    over `*_subset` images (0: all): what main_knn.py and main_pretrain's monitor evaluate."""
+    train = image_folder(data_path, 'train', eval_transform(input_size))
+    val = image_folder(data_path, 'val', eval_transform(input_size))
+    return spread_subset(train, train_subset), spread_subset(val, val_subset), len(train.classes)
 
 
 def spread_subset(dataset: Dataset, count: int) -> Dataset:

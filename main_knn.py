@@ -8,7 +8,6 @@ import os
 import engine_knn
 import models_vit
 from util import cli, config, runtime
-from util.data import eval_transform, image_folder
 from util.distributed import cleanup, is_main
 from util.errors import check
 from util.logger import log
@@ -47,9 +46,10 @@ def validate_args(args):
 def build_encoder(args):
     """(the encoder on the CPU, images -> [B, D] features): a checkpoint that pools through fc_norm (fine-tuned
     with global pooling) gives that pooled feature; any other the final-normed class token or patch mean."""
-    pooled = 'fc_norm.weight' in read_pretrained(args.checkpoint)
+    state = read_pretrained(args.checkpoint)  # read once: the keys choose the model, then it loads them
+    pooled = 'fc_norm.weight' in state
     model = models_vit.create_model(args.model, args.input_size, num_classes=0, global_pool=pooled)
-    load_pretrained(model, args.checkpoint, allowed_missing=())
+    load_pretrained(model, args.checkpoint, allowed_missing=(), state=state)
     model.eval()
     if pooled:
         return model, lambda x: model.forward_head(model.forward_features(x), pre_logits=True)
@@ -61,11 +61,8 @@ def build_encoder(args):
 def main(args):
     validate_args(args)
     device = runtime.start(args)
-    train_set = image_folder(args.data_path, 'train', eval_transform(args.input_size))
-    num_classes = len(train_set.classes)
-    train_set = engine_knn.spread_subset(train_set, args.train_subset)
-    val_set = engine_knn.spread_subset(image_folder(args.data_path, 'val', eval_transform(args.input_size)),
-                                       args.val_subset)
+    train_set, val_set, num_classes = engine_knn.knn_sets(args.data_path, args.input_size, args.train_subset,
+                                                          args.val_subset)
     model, encode = build_encoder(args)
     model.to(device)
     stats = engine_knn.knn_evaluate(encode, train_set, val_set, num_classes, args.k, args.temperature,

@@ -15,7 +15,7 @@ import visualize
 from models_teacher import build_teacher
 from util import cli, config, runtime
 from util.checkpoint import find_resume, resume_training, save_training
-from util.data import BadImages, eval_transform, image_folder, pretrain_transform, train_loader
+from util.data import BadImages, image_folder, pretrain_transform, train_loader
 from util.distributed import cleanup, main_first
 from util.errors import UserError, check
 from util.logger import log
@@ -140,13 +140,10 @@ def knn_sets(args):
     if not args.knn_every:
         return None
     try:
-        train = image_folder(args.data_path, 'train', eval_transform(args.input_size))
-        val = image_folder(args.data_path, 'val', eval_transform(args.input_size))
+        return engine_knn.knn_sets(args.data_path, args.input_size, args.knn_train_subset, args.knn_val_subset)
     except UserError as e:
         log(f'note: the k-NN monitor is off: it needs labelled train/ and val/ images ({e})')
         return None
-    return (engine_knn.spread_subset(train, args.knn_train_subset), engine_knn.spread_subset(val, args.knn_val_subset),
-            len(train.classes))
 
 
 def knn_monitor(args, model, sets, device):

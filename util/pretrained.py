@@ -120,11 +120,12 @@ def read_pretrained(path):
     return {k: v for k, v in model_state(read_checkpoint(path), path).items() if not k.startswith(DROP_PREFIXES)}
 
 
-def load_pretrained(model, path, allowed_missing):
+def load_pretrained(model, path, allowed_missing, state=None):
     """Load the encoder weights into `model` (a timm ViT): the head is dropped when its shape differs, the
     position table is resized to the model's grid. Missing keys beyond `allowed_missing` (the new head, and
-    fc_norm with global pooling) or a shape that doesn't fit mean another model: refused."""
-    state = read_pretrained(path)
+    fc_norm with global pooling) or a shape that doesn't fit mean another model: refused. `state`: the file's
+    read_pretrained, when the caller has already read it."""
+    state = dict(read_pretrained(path) if state is None else state)
     own = model.state_dict()
     for key in [k for k in state if k.startswith('head') and (k not in own or state[k].shape != own[k].shape)]:
         del state[key]
