@@ -20,6 +20,17 @@ from util.preemption import STOP
 
 
 @dataclasses.dataclass(frozen=True)
+class EpochProgress:
+    """An interrupted epoch's sums so far, carried in its mid-epoch checkpoint (as a dict) so that the resumed
+    epoch's log.txt record is the one an uninterrupted epoch writes: its loss the mean over all the epoch's
+    iterations, not only those after the restart."""
+    loss_sum: float = 0.0  # the processes' mean of their summed per-iteration losses
+    iters: int = 0
+    seconds: float = 0.0
+    data_wait_seconds: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
 class EpochStats:
     """What train_epoch did: the mean loss of the iterations it ran, the last lr, the throughput; for the epoch
     loop, the iterations of the epoch done and whether a stop request ended the epoch early (it is saved)."""
@@ -29,6 +40,7 @@ class EpochStats:
     iters_done: int
     stopped: bool
     data_wait: float = 0.0  # the fraction of the epoch's time spent waiting for the next batch
+    weights_ok: bool = True  # the last check found the weights fit to save (see weights_unstable)
 
     def logged(self) -> dict:
         """The statistics that go to log.txt, named for it (the loop's bookkeeping stays out)."""
@@ -36,6 +48,22 @@ class EpochStats:
 
 
 DATA_WAIT_WARNING = 0.10  # above this fraction of an epoch spent waiting for data, the log says so
+# The weights' norm grows a few percent between checks in healthy training, by orders of magnitude after a
+# step that poisons them (an lr far too high): a growth past this blocks the save.
+WEIGHT_GROWTH_LIMIT = 4.0
+
+
+def _norm(params):
+    with torch.no_grad():
+        return torch.nn.utils.get_total_norm(params)
+
+
+def weights_unstable(norm: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    """Whether weights of norm `norm` (all trained parameters together) are unfit to checkpoint: non-finite, or
+    more than WEIGHT_GROWTH_LIMIT times their norm at the previous check. A non-finite gradient ends up here as
+    well (it makes the weights non-finite, or fp16's scaler skips the step), and so does an exploding one
+    when it moves the weights. A device tensor: no host sync of its own."""
+    return ~torch.isfinite(norm) | (norm > WEIGHT_GROWTH_LIMIT * previous)
 
 
 def _hms(seconds):
@@ -45,15 +73,21 @@ def _hms(seconds):
 def train_epoch(model: torch.nn.Module, loader, batch_loss: Callable[[Any], torch.Tensor],
                 optimizer: torch.optim.Optimizer, scaler, epoch: int, args, device: torch.device,
                 logger: RunLogger, start_iter: int = 0, bad_images: Optional[BadImages] = None,
-                save: Optional[Callable[[int, int], None]] = None) -> EpochStats:
+                save: Optional[Callable[[int, int, dict], None]] = None,
+                progress: Optional[dict] = None) -> EpochStats:
     """Run one epoch from iteration `start_iter`; `batch_loss(batch)` returns one batch's loss (called under
-    autocast). Batches are (images, labels, unreadable paths) from util.data.train_loader.
+    autocast). Batches are (images, labels, unreadable paths) from util.data.train_loader. `progress` is the
+    EpochProgress (as a dict) of the checkpoint this epoch resumes from, if any.
 
     Every --print_freq iterations, at an optimizer-step boundary, all processes agree on: a non-finite loss
-    (stop before anything is saved), a stop request (util.preemption.STOP: `save(epoch, iterations done)`, a
-    line, and return early), whether --save_every_min minutes passed since the last save (then `save` runs
-    too), too many unreadable images; and the loss is logged. An incomplete accumulation window at the end of
-    the epoch is dropped.
+    (stop before anything is saved), a stop request (util.preemption.STOP: `save(epoch, iterations done,
+    EpochProgress as a dict)`, a line, and return early), whether --save_every_min minutes passed since the last
+    save (then `save` runs too), too many unreadable images; and the loss is logged. An incomplete accumulation
+    window at the end of the epoch is dropped.
+
+    A save is skipped, with a line, when the weights look poisoned (see weights_unstable): the last step's
+    weights have not yet produced a loss the check has seen, and a checkpoint that turns every resume into the
+    same NaN is worse than an older one.
     """
     model.train()
     accum = args.accum_iter
@@ -64,9 +98,13 @@ def train_epoch(model: torch.nn.Module, loader, batch_loss: Callable[[Any], torc
     steps_per_epoch = num_iters // accum
     images_per_iter = args.batch_size * world_size()
     optimizer.zero_grad(set_to_none=True)
-    loss_sum = torch.zeros((), device=device)
+    carried = EpochProgress(**progress) if progress and start_iter else EpochProgress()
+    loss_sum = torch.tensor(carried.loss_sum, device=device)
     window_sum = torch.zeros((), device=device)
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    weight_norm = _norm(trained)  # at the previous check
+    unstable = torch.zeros((), dtype=torch.bool, device=device)
     window_iters, lr, stopped, it = 0, optimizer.param_groups[0]['lr'], False, start_iter - 1
     epoch_start = window_start = last_save = ready = time.time()
     window_wait = epoch_wait = 0.0
@@ -117,7 +155,10 @@ def train_epoch(model: torch.nn.Module, loader, batch_loss: Callable[[Any], torc
             # the main process's clock decides when a periodic save is due, so all processes save together
             save_due = save is not None and is_main() and time.time() - last_save > 60 * args.save_every_min
             requests = torch.tensor([STOP.requested, save_due], device=device)
-            bad_loss, stopped, save_due = all_reduce_any(torch.cat([nonfinite[None], requests]))
+            norm = _norm(trained)
+            unstable, weight_norm, growth = weights_unstable(norm, weight_norm), norm, norm / weight_norm
+            bad_loss, unstable, stopped, save_due = all_reduce_any(torch.cat([nonfinite[None], unstable[None],
+                                                                              requests]))
             if bad_loss:
                 raise UserError(f'the loss became NaN or infinite in epoch {epoch}, iteration {it}; nothing '
                                 f'was saved after the last good checkpoint: resume from it with a lower '
@@ -141,12 +182,19 @@ def train_epoch(model: torch.nn.Module, loader, batch_loss: Callable[[Any], torc
                 f', eta epoch {_hms(left * per_iter)} run {_hms(run_left * per_iter)}')
             # a stop on the epoch's last iteration lets the loop end the epoch properly (evaluation, its save)
             stopped = stopped and it + 1 < num_iters
-            if save is not None and (stopped or (save_due and it + 1 < num_iters)):
-                save(epoch, it + 1)
+            if save is not None and (stopped or (save_due and it + 1 < num_iters)) and unstable:
+                log(f'not saving in epoch {epoch} after iteration {it + 1}: the weights\' norm grew '
+                    f'{growth.item():.3g}x since the last check (to {norm.item():.3g}); training looks unstable, '
+                    f'the last checkpoint stays the one to resume from')
+            elif save is not None and (stopped or (save_due and it + 1 < num_iters)):
+                save(epoch, it + 1, dataclasses.asdict(EpochProgress(
+                    all_reduce_mean(loss_sum).item(), carried.iters + it + 1 - start_iter,
+                    carried.seconds + time.time() - epoch_start, carried.data_wait_seconds + epoch_wait)))
                 last_save = time.time()
             if stopped:
+                saved = save is not None and not unstable
                 log(f'stopped in epoch {epoch} after iteration {it + 1}' + (', checkpoint saved; run the same '
-                    'command again to continue from there' if save is not None else ''))
+                    'command again to continue from there' if saved else ''))
                 break
             window_sum.zero_()
             window_iters, window_wait, window_start = 0, 0.0, time.time()
@@ -156,15 +204,25 @@ def train_epoch(model: torch.nn.Module, loader, batch_loss: Callable[[Any], torc
         else:
             ready = time.time()
 
-    done = it + 1 - start_iter
-    elapsed = time.time() - epoch_start
+    done = carried.iters + it + 1 - start_iter
+    elapsed = carried.seconds + time.time() - epoch_start
+    epoch_wait += carried.data_wait_seconds
     if epoch_wait > DATA_WAIT_WARNING * elapsed and not stopped:
         log(f'the input held training back in epoch {epoch}: {100 * epoch_wait / elapsed:.0f}% of the time went to '
             f'waiting for the next batch; more --num_workers (now {args.num_workers}), --gpu_decode '
             f'(pretraining) or tar shards (tools/make_shards.py) feed it faster')
     return EpochStats(loss=all_reduce_mean(loss_sum).item() / max(done, 1), lr=lr,
                       images_per_sec=done * images_per_iter / elapsed, iters_done=it + 1, stopped=stopped,
-                      data_wait=epoch_wait / elapsed)
+                      data_wait=epoch_wait / elapsed, weights_ok=not bool(unstable))
+
+
+def save_epoch(stats: EpochStats, save: Callable[[int], None], epoch: int) -> None:
+    """The epoch's checkpoint, unless the epoch's last check found the weights unfit to save (then a line)."""
+    if stats.weights_ok:
+        save(epoch)
+    else:
+        log(f'not saving epoch {epoch}: its last check found the weights exploding; the last checkpoint stays the '
+            f'one to resume from')
 
 
 def iterations_per_epoch(loader, accum_iter: int) -> int:
@@ -180,3 +238,13 @@ def stop_requested(where: str) -> bool:
         return False
     log(f'stopped {where}; run the same command again to continue')
     return True
+
+
+def log_run_end(start_time: float, completed: bool, extra: str = '') -> None:
+    """The run's last line: a finished run's training time, or a stopped run's, saying how it continues (the
+    process then exits with util.cli.EXIT_STOPPED)."""
+    took = _hms(time.time() - start_time)
+    if completed:
+        log(f'training time {took}{extra}')
+    else:
+        log(f'stopped after {took} of training{extra}; resumable: the same command continues the run')

@@ -2,7 +2,6 @@
 evaluation, best and last checkpoints, --eval. The two differ only in the model, optimizer, augmentation and
 loss they pass."""
 import argparse
-import datetime
 import functools
 import os
 import time
@@ -85,6 +84,7 @@ def run(args, kind, build_model, build_optimizer, train_transform, criterion, mi
     loader = train_loader(train_set, args.batch_size, args.num_workers, pin, args.seed, max_bad_frac=args.max_bad_frac)
     start, resumed = resume_training(args, model_without_ddp, optimizer, scaler, kind, found=found)
     best = resumed.get('best_acc1', 0.0) if resumed else 0.0
+    progress = resumed.get('epoch_progress') if resumed else None  # the sums of the epoch it stopped in
     del found, resumed  # the checkpoint's tensors, which would stay in host memory for the whole run
     last = {}
     logger = runtime.open_logger(args, start[0])
@@ -93,15 +93,16 @@ def run(args, kind, build_model, build_optimizer, train_transform, criterion, mi
     step = functools.partial(engine_finetune.batch_loss, model, criterion, device=device, mixup=mixup)
     epoch_steps = engine.iterations_per_epoch(loader, args.accum_iter)  # validation shares training's step axis
 
-    def save(epoch, resume_iter=0):
-        save_training(args, epoch, model_without_ddp, optimizer, scaler, kind, resume_iter, {'best_acc1': best})
+    def save(epoch, resume_iter=0, progress=None):
+        save_training(args, epoch, model_without_ddp, optimizer, scaler, kind, resume_iter, {'best_acc1': best},
+                      progress)
 
     start_time = time.time()
     (epoch, start_iter), completed = start, not engine.stop_requested('before training started, nothing new to save')
     while completed and epoch < args.epochs:
         loader.sampler.set_epoch(epoch, start_iter)
         train_stats = engine.train_epoch(model, loader, step, optimizer, scaler, epoch, args, device, logger,
-                                         start_iter, bad_images, save)
+                                         start_iter, bad_images, save, progress)
         if train_stats.stopped:  # saved where it stopped
             completed = False
             break
@@ -117,11 +118,11 @@ def run(args, kind, build_model, build_optimizer, train_transform, criterion, mi
         logger.epoch({'epoch': epoch, **train_stats.logged(), **{f'val_{k}': v for k, v in stats.items()}})
         log(f'epoch {epoch}: val top-1 {stats["acc1"]:.2f}% top-5 {stats["acc5"]:.2f}% (best {best:.2f}%), '
             f'train loss {train_stats.loss:.4f}')
-        save(epoch)
+        engine.save_epoch(train_stats, save, epoch)
         # a signal during the epoch's last steps or its evaluation: the epoch's checkpoint is the place to stop
         completed = epoch + 1 == args.epochs or not engine.stop_requested(f'after epoch {epoch}, checkpoint saved')
-        epoch, start_iter = epoch + 1, 0
+        epoch, start_iter, progress = epoch + 1, 0, None
     logger.close()
-    log(f'training time {datetime.timedelta(seconds=int(time.time() - start_time))}; best top-1 {best:.2f}%')
+    engine.log_run_end(start_time, completed, f'; best top-1 {best:.2f}%')
     cleanup()
     return {**last, 'best_acc1': best, 'completed': completed}

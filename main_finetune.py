@@ -1,5 +1,8 @@
 """Fine-tune a pretrained MILAN/MAE encoder for image classification (layer-wise lr decay, RandAugment,
 mixup/cutmix, label smoothing, drop path). Without --data_path it fine-tunes on the generated demo data."""
+if __name__ == '__main__':  # first of all: a stop signal during the imports below then ends the run with a line
+    from util.preemption import STOP
+    STOP.install()
 
 from timm.data import Mixup
 from timm.layers import trunc_normal_

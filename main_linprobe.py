@@ -1,5 +1,8 @@
 """Linear probing: a BatchNorm (no affine) and a linear head on the frozen pretrained encoder's feature,
 trained with LARS. Without --data_path it probes the demo pretraining checkpoint on the generated data."""
+if __name__ == '__main__':  # first of all: a stop signal during the imports below then ends the run with a line
+    from util.preemption import STOP
+    STOP.install()
 
 import torch
 from timm.layers import trunc_normal_

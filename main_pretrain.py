@@ -1,6 +1,9 @@
 """MILAN pretraining: a ViT learns to predict a frozen CLIP image encoder's per-token features from a
 masked view of the image. Without --data_path it runs a small CPU demo on generated images."""
-import datetime
+if __name__ == '__main__':  # first of all: a stop signal during the imports below then ends the run with a line
+    from util.preemption import STOP
+    STOP.install()
+
 import functools
 import os
 import time
@@ -185,8 +188,9 @@ def main(args):
         f'masking of {args.mask_ratio:.0%}; {device}')
     model_without_ddp = model
     model, optimizer, scaler = runtime.prepare_training(args, model_without_ddp, device, build_optimizer)
-    start = resume_training(args, model_without_ddp, optimizer, scaler, KIND, found=found)[0]
-    del found  # the checkpoint's tensors, which would stay in host memory for the whole run
+    start, resumed = resume_training(args, model_without_ddp, optimizer, scaler, KIND, found=found)
+    progress = resumed.get('epoch_progress') if resumed else None  # the sums of the epoch it stopped in
+    del found, resumed  # the checkpoint's tensors, which would stay in host memory for the whole run
     logger = runtime.open_logger(args, start[0])
     bad_images = BadImages(len(dataset), args.max_bad_frac)
     vis_images = fixed_images(dataset, args.vis_images, args.input_size) if logger.writer else None
@@ -196,15 +200,15 @@ def main(args):
     step = functools.partial(engine_pretrain.batch_loss, model, teacher, args=args, device=device,
                              bad_images=bad_images)
 
-    def save(epoch, resume_iter=0):
-        save_training(args, epoch, model_without_ddp, optimizer, scaler, KIND, resume_iter)
+    def save(epoch, resume_iter=0, progress=None):
+        save_training(args, epoch, model_without_ddp, optimizer, scaler, KIND, resume_iter, progress=progress)
 
     start_time = time.time()
     (epoch, start_iter), completed = start, not engine.stop_requested('before training started, nothing new to save')
     while completed and epoch < args.epochs:
         loader.sampler.set_epoch(epoch, start_iter)
         stats = engine.train_epoch(model, loader, step, optimizer, scaler, epoch, args, device, logger, start_iter,
-                                   bad_images, save)
+                                   bad_images, save, progress)
         if stats.stopped:  # saved where it stopped
             completed = False
             break
@@ -221,12 +225,12 @@ def main(args):
                                      teacher_input_norm=args.teacher_input_norm, attn_mask=args.attn_mask,
                                      zoom=visualize.readable_zoom(args.input_size)).grids
             logger.writer.add_images('panels', grids, epoch, dataformats='NHWC')
-        save(epoch)
+        engine.save_epoch(stats, save, epoch)
         # a signal during the epoch's last steps or its panels: the epoch's checkpoint is the place to stop
         completed = last or not engine.stop_requested(f'after epoch {epoch}, checkpoint saved')
-        epoch, start_iter = epoch + 1, 0
+        epoch, start_iter, progress = epoch + 1, 0, None
     logger.close()
-    log(f'training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
+    engine.log_run_end(start_time, completed)
     cleanup()
     return {'completed': completed}
 

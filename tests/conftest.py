@@ -107,11 +107,13 @@ def run_cli(argv, script='main_pretrain.py', timeout=300):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def interrupt(args, when, sig, group=False, again=None, script='main_pretrain.py', timeout=300):
-    """Start the CLI, send `sig` (to its whole process group with `group`: what a terminal's Ctrl-C, SLURM's
-    scancel and torchrun do) once a line containing `when` is printed, and once more when one containing
-    `again` is; return (exit code, output)."""
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, env=cli_env(),
+def interrupt(args, when, sig, group=False, again=None, script='main_pretrain.py', timeout=300, torchrun=False):
+    """Start the CLI (under torchrun with NPROC processes with `torchrun`), send `sig` (to its whole process group
+    with `group`: what a terminal's Ctrl-C and SLURM's scancel do; to torchrun itself with `torchrun`) once a line
+    containing `when` is printed, and once more when one containing `again` is; return (exit code, output)."""
+    launcher = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(NPROC), '--master_addr',
+                '127.0.0.1', '--master_port', str(free_port())] if torchrun else [sys.executable]
+    proc = subprocess.Popen([*launcher, os.path.join(ROOT, script), *args], cwd=ROOT, env=cli_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=group)
     output, cues = [], [cue for cue in (when, again) if cue]
     for line in proc.stdout:

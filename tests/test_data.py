@@ -2,6 +2,7 @@
 shards, transforms."""
 import os
 import random
+import shutil
 import signal
 import tarfile
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torchvision.datasets import ImageFolder
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
@@ -328,6 +330,120 @@ def test_image_folder_errors_are_one_line(tmp_path):
     with pytest.raises(UserError, match=f'^no images under {tmp_path / "val"} '):
         image_folder(str(tmp_path), 'val', None)
 
+
+
+# Links in image folders: followed, but never round a loop nor twice into one folder ----------------------------
+
+@pytest.fixture
+def data_copy(tiny_data, tmp_path):
+    """A private copy of tiny_data (train/: 4 classes x 8 images), for tests that add links to it."""
+    shutil.copytree(tiny_data, tmp_path / 'data')
+    return tmp_path / 'data'
+
+
+def said(capsys, *words):
+    """The printed lines that hold all `words`."""
+    return [line for line in capsys.readouterr().out.splitlines() if all(word in line for word in words)]
+
+
+@pytest.mark.parametrize('link,target', [
+    ('disc/self', '.'),  # the folder itself: 40 nested copies of disc/ before
+    ('disc/deep/up', '../..'),  # train/, two levels up
+    ('disc/top', '../..'),  # the folder train/ is in
+    ('self', '.'),  # a class folder that is train/ itself
+])
+def test_a_link_loop_is_not_followed_and_said_once(data_copy, capsys, link, target):
+    train = data_copy / 'train'
+    expected = ImageFolder(str(train)).samples
+    (train / link).parent.mkdir(exist_ok=True)
+    os.symlink(target, train / link)
+    for labelled in (True, False):  # classification and pretraining
+        dataset = image_folder(str(data_copy), 'train', None, labelled=labelled)
+        assert dataset.samples == expected and len(dataset.classes) == 4
+    lines = said(capsys, f'{train / link} -> {target}')
+    assert len(lines) == 1 and 'not following the link loop' in lines[0], lines  # once, though opened twice
+
+
+@pytest.mark.parametrize('link,target', [('self', '.'), ('more/up', '..'), ('more/top', '../..')])
+def test_a_link_loop_in_a_flat_folder(tmp_path, capsys, link, target):
+    images = write_jpegs(tmp_path / 'photos', 3) + write_jpegs(tmp_path / 'photos' / 'more', 2, seed=1)
+    os.symlink(target, tmp_path / 'photos' / link)
+    dataset = image_folder(str(tmp_path / 'photos'), 'train', None, labelled=False)
+    assert isinstance(dataset, data.FlatImages) and [path for path, _ in dataset.samples] == images
+    assert len(said(capsys, f'{tmp_path / "photos" / link} -> {target}', 'loop')) == 1
+
+
+def test_a_folder_reached_by_two_links_is_read_once(data_copy, capsys):
+    train, disc = data_copy / 'train', data_copy / 'train' / 'disc'
+    extra = write_jpegs(data_copy / 'extra', 2, seed=3)
+    os.symlink('../../extra', disc / 'a')
+    os.symlink(str(data_copy / 'extra'), disc / 'b')
+    dataset = image_folder(str(data_copy), 'train', None)
+    linked = [str(disc / 'a' / os.path.basename(path)) for path in extra]
+    assert len(dataset) == 34 and [p for p, label in dataset.samples if '/disc/a/' in p or '/disc/b/' in p] == linked
+    lines = said(capsys, f'{disc / "b"} -> {data_copy / "extra"}', f'the folder {disc / "a"} again', 'counted once')
+    assert len(lines) == 1
+    flat = image_folder(str(disc), 'train', None, labelled=False)  # disc/ as a flat folder: the same
+    assert isinstance(flat, data.FlatImages) and len(flat) == 10
+    with pytest.raises(UserError, match='are the same folder'):  # disc/ as the class root: a/, b/ two classes
+        image_folder(str(train), 'disc', None)
+
+
+def test_a_folder_in_two_classes_is_refused(data_copy):
+    """Its images would have two labels: not a layout to guess at."""
+    train = data_copy / 'train'
+    os.symlink('../square', train / 'disc' / 'squares')
+    with pytest.raises(UserError) as error:
+        image_folder(str(data_copy), 'train', None)
+    assert str(error.value) == (f'{train / "square"} (class square) and {train / "disc" / "squares"} -> ../square '
+                                f'(class disc) are the same folder: its images cannot have two labels; remove one '
+                                f'of them')
+
+
+def test_links_to_folders_elsewhere_are_followed_in_imagefolders_order(data_copy):
+    """Datasets are often assembled from links: absolute and relative ones, to class folders and below them; the
+    samples and their order stay torchvision ImageFolder's (sorted folder paths: `b-c` before `b/x`)."""
+    elsewhere = data_copy / 'elsewhere'
+    for name, count in (('b', 1), ('b-c', 2), ('b/x', 1), ('b/x/y', 1), ('a', 1)):
+        write_jpegs(elsewhere / name, count, seed=count)
+    linked = data_copy / 'linked'
+    linked.mkdir()
+    os.symlink(str(data_copy / 'train' / 'disc'), linked / 'disc')
+    os.symlink('../train/square', linked / 'square')
+    os.symlink('../../elsewhere/a', data_copy / 'train' / 'square' / 'a')
+    (linked / 'mixed').mkdir()
+    for name in ('b', 'b-c'):
+        os.symlink(str(elsewhere / name), linked / 'mixed' / name)
+    folder = image_folder(str(data_copy), 'linked', None)
+    assert folder.samples == ImageFolder(str(linked)).samples and len(folder) == 8 + 5 + 9
+    assert [os.path.relpath(p, linked / 'mixed') for p, _ in folder.samples if '/mixed/' in p] == [
+        'b/img_00.JPEG', 'b-c/img_00.JPEG', 'b-c/img_01.JPEG', 'b/x/img_00.JPEG', 'b/x/y/img_00.JPEG']
+
+
+def test_link_lines_past_the_first_few_are_counted(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(data, 'MAX_NOTES', 2)
+    write_jpegs(tmp_path / 'photos', 1)
+    for k in range(5):
+        os.symlink('.', tmp_path / 'photos' / f'self{k}')
+    assert len(image_folder(str(tmp_path / 'photos'), 'train', None, labelled=False)) == 1
+    out = capsys.readouterr().out
+    assert out.count('not following the link loop') == 2 and f'3 more links under {tmp_path / "photos"}' in out
+
+
+def test_the_layout_found_is_logged(jpeg_data, jpeg_shards, tmp_path, capsys):
+    """One line per dataset opened, naming the layout --data_path was taken as and its size."""
+    image_folder(jpeg_data, 'train', None)
+    image_folder(jpeg_shards, 'val', None)
+    write_jpegs(tmp_path / 'photos', 3)
+    image_folder(str(tmp_path / 'photos'), 'train', None, labelled=False)
+    with tarfile.open(tmp_path / 'unlabelled.tar', 'w') as tar:
+        tar.add(write_jpegs(tmp_path / 'src', 1)[0], arcname='sample0.jpg')
+    image_folder(str(tmp_path / 'unlabelled.tar'), 'train', None, labelled=False)
+    lines = [line.split(' ', 1)[1] for line in capsys.readouterr().out.splitlines() if ' data: ' in line]
+    assert lines == [f'train data: image folder {jpeg_data}/train: 12 images in 2 classes',
+                     f'val data: 2 tar shards in {jpeg_shards}: 6 images, 2 classes',
+                     f'train data: folder of images without classes {tmp_path / "photos"}: 3 images',
+                     f'train data: 1 tar shard in {tmp_path / "unlabelled.tar"}: 1 images, unlabelled']
 
 
 # Tar shards and flat folders -------------------------------------------------------------------------------

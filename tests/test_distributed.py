@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 
 import pytest
@@ -15,7 +16,7 @@ import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 
 import models_milan
-from conftest import NPROC, ROOT, TIMEOUT, child_env, launch, pretrain_argv
+from conftest import NPROC, ROOT, TIMEOUT, child_env, interrupt, launch, pretrain_argv
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason='torch.distributed with the gloo backend is not available')
@@ -159,3 +160,23 @@ def test_launch_script_single_node(tiny_data, tmp_path):
                             text=True, timeout=TIMEOUT)
     assert result.returncode == 0, result.stdout + result.stderr
     assert 'x 2 processes' in result.stdout and (out / 'checkpoint-last.pth').exists()
+
+
+def test_sigterm_to_torchrun_saves_and_resumes_identically(tiny_data, tmp_path):
+    """torchrun passes a SIGTERM on to its workers (and their loader workers): every rank finishes its step,
+    they save together, and the same command resumes to the model of an uninterrupted 2-process run."""
+    def argv(out):
+        return pretrain_argv(tiny_data, out, '--epochs', '2', '--print_freq', '1', '--num_workers', '2',
+                             '--batch_size', '4', '--knn_every', '0')
+    reference = tmp_path / 'reference'
+    launch(tmp_path, ['torch.distributed.run'], 'main_pretrain.py', argv(reference))
+    out = tmp_path / 'out'
+    code, output = interrupt(argv(out), 'epoch 1 [1/4]', signal.SIGTERM, torchrun=True)
+    assert re.search(r'stopped in epoch 1 after iteration [123], checkpoint saved', output), output
+    assert 'DataLoader worker' not in output and 'Connection closed' not in output, output
+    assert torch.load(out / 'checkpoint-last.pth', weights_only=True)['resume_iter'] in (1, 2, 3)
+    launch(tmp_path, ['torch.distributed.run'], 'main_pretrain.py', argv(out))
+    final = [torch.load(d / 'checkpoint-last.pth', weights_only=True)['model'] for d in (reference, out)]
+    assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
+    assert [json.loads(line)['train_loss'] for line in (out / 'log.txt').read_text().splitlines()] == \
+        pytest.approx([json.loads(line)['train_loss'] for line in (reference / 'log.txt').read_text().splitlines()])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from util.logger import RunLogger
-from engine import train_epoch
+from engine import WEIGHT_GROWTH_LIMIT, train_epoch, weights_unstable
 
 
 class CountingLoader:
@@ -82,3 +82,49 @@ def test_data_wait_rises_when_the_loader_is_slowed(delay, capsys):
         assert '--num_workers (now 3), --gpu_decode (pretraining) or tar shards (tools/make_shards.py)' in out
     else:
         assert stats.data_wait < 0.1 and max(waits) < 10 and not warned
+
+
+def epoch_args(**changes):
+    return argparse.Namespace(**{**dict(accum_iter=1, batch_size=1, lr=0.1, min_lr=0.1, warmup_epochs=0, epochs=1,
+                                        distributed=False, clip_grad=None, precision='fp32', print_freq=1,
+                                        save_every_min=1e-9, num_workers=0), **changes})
+
+
+def test_weights_unstable_on_non_finite_or_exploding_norms():
+    norm = torch.tensor
+    assert not weights_unstable(norm(3.0), norm(1.0)) and not weights_unstable(norm(0.5), norm(1.0))
+    assert weights_unstable(norm(WEIGHT_GROWTH_LIMIT * 1.01), norm(1.0))
+    assert weights_unstable(norm(float('nan')), norm(1.0)) and weights_unstable(norm(float('inf')), norm(1.0))
+
+
+def test_a_save_after_a_step_that_blew_up_the_weights_is_skipped_and_the_next_one_is_not(capsys):
+    """Iteration 3's gradient is 1e9 times too large: its weights are finite but huge. The periodic save due at
+    its check is skipped (with a line); the next check compares with those weights and saves again."""
+    model = torch.nn.Linear(1, 1)
+    calls = []
+
+    def step(batch):
+        return model(batch[0]).sum() * (1e9 if len(calls) == 2 else 1.0)  # after the saves at iterations 1, 2
+
+    stats = train_epoch(model, CountingLoader(6), step, torch.optim.SGD(model.parameters(), lr=0.1),
+                        torch.amp.GradScaler('cpu', enabled=False), 0, epoch_args(), torch.device('cpu'),
+                        RunLogger(None, None), save=lambda epoch, it, progress: calls.append(it))
+    out = capsys.readouterr().out
+    assert calls == [1, 2, 4, 5] and stats.weights_ok  # iteration 3's save skipped; the epoch's last is the loop's
+    assert "not saving in epoch 0 after iteration 3: the weights' norm grew" in out
+
+
+def test_a_resumed_epoch_carries_the_interrupted_part_of_its_statistics():
+    """Resumed at iteration 3 of 6 with the first three losses summing to 3.0: the epoch's loss is the mean over
+    all six iterations (the last three are 2.0 each), and a save hands on the sums so far."""
+    model = torch.nn.Linear(1, 1)
+    saved = []
+    stats = train_epoch(model, CountingLoader(6), lambda batch: model(batch[0]).sum() * 0 + 2.0,
+                        torch.optim.SGD(model.parameters(), lr=0.1), torch.amp.GradScaler('cpu', enabled=False), 0,
+                        epoch_args(), torch.device('cpu'), RunLogger(None, None), start_iter=3,
+                        save=lambda epoch, it, progress: saved.append((it, progress)),
+                        progress={'loss_sum': 3.0, 'iters': 3, 'seconds': 1.0, 'data_wait_seconds': 0.5})
+    assert stats.loss == pytest.approx(1.5) and stats.iters_done == 6
+    assert [it for it, _ in saved] == [4, 5]
+    assert saved[0][1]['loss_sum'] == pytest.approx(5.0) and saved[0][1]['iters'] == 4
+    assert saved[0][1]['seconds'] > 1.0 and saved[0][1]['data_wait_seconds'] >= 0.5

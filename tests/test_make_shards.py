@@ -17,6 +17,7 @@ import util.shards
 from conftest import ROOT, cli_env
 from tools import make_shards as tool
 from tools.make_shards import make_shards
+from util.data import ImageFiles
 from util.errors import UserError
 from util.shards import ShardIndex, find_shards
 
@@ -130,3 +131,37 @@ def test_command_line(tiny_data, tmp_path):
                          env=cli_env(), capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.count('\n') == 1 and bad.stderr.startswith('error: no folder'), \
         bad.stderr
+
+
+def test_a_link_loop_is_written_once_and_said(tiny_data, tmp_path):
+    """`train/disc/self -> .`, which os.walk would follow dozens of times over: each image is written once, the
+    classes and samples are those training from the folder reads (util.data.ImageFiles), and the tool says which
+    link it did not follow; run from another folder, as `python tools/make_shards.py`."""
+    src = tmp_path / 'train'
+    shutil.copytree(os.path.join(tiny_data, 'train'), src)
+    os.symlink('.', src / 'disc' / 'self')
+    os.symlink('.', src / 'self')  # a loop as a class folder: no class
+    folder = ImageFiles(str(src))
+    assert tool.image_folder(str(src)) == (folder.classes, folder.samples) and len(folder) == 32
+    out = tmp_path / 'out'
+    run = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'make_shards.py'), str(src), str(out),
+                          '--shard_size', '10'], cwd=tmp_path, env=cli_env(), capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[:2] == [f'warning: not following the link loop {src / "self"} -> .: it leads back to {src}, which '
+                         f'holds it',
+                         f'warning: not following the link loop {src / "disc" / "self"} -> .: it leads back to '
+                         f'{src / "disc"}, which holds it']
+    assert len(lines) == 2 + 4 + 1 and '32 images of 4 classes' in lines[-1]
+    index = ShardIndex(find_shards(str(out), 'train'))
+    assert [index.read(i) for i in range(len(index))] == [file_bytes(path) for path, _ in folder.samples]
+    assert index.labels == folder.targets and index.classes == folder.classes
+
+
+def test_the_tool_imports_no_torch():
+    """It runs on storage nodes without torch, and starts at once."""
+    check = subprocess.run([sys.executable, '-c', "import sys; import tools.make_shards; "
+                            "assert 'torch' not in sys.modules and 'numpy' not in sys.modules"],
+                           cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check.stderr

@@ -9,12 +9,17 @@ from util.preemption import STOP
 
 
 def test_stop_handlers_are_per_run(tmp_path):
-    """A training run takes the stop signals and gives them back; a new run forgets an earlier request;
-    an evaluation-only run leaves Ctrl-C alone (it never checks for a stop)."""
+    """A training run takes the stop signals and gives them back; installing again (the run after the entry
+    point's early install) keeps a request, a new run forgets it; an evaluation-only run leaves Ctrl-C alone
+    (it never checks for a stop)."""
     before = signal.getsignal(signal.SIGINT)
     STOP.install()
     STOP._handle(signal.SIGTERM, None)
     assert STOP.requested
+    STOP.install()
+    assert STOP.requested and signal.getsignal(signal.SIGTERM) == STOP._handle
+    STOP.uninstall()
+    assert STOP.signal == signal.SIGTERM  # still readable after the run (util.cli.run's exit status)
     STOP.install()
     assert not STOP.requested and signal.getsignal(signal.SIGTERM) == STOP._handle
     with pytest.raises(KeyboardInterrupt):  # Ctrl-C after any stop request quits at once
@@ -25,3 +30,6 @@ def test_stop_handlers_are_per_run(tmp_path):
                           ['--eval', '--resume', __file__, '--output_dir', str(tmp_path)])
     runtime.start(args)
     assert signal.getsignal(signal.SIGINT) == before
+    STOP.install()  # the entry point's early install: an evaluation gives the signals back
+    runtime.start(args)
+    assert signal.getsignal(signal.SIGINT) == before and signal.getsignal(signal.SIGTERM) != STOP._handle

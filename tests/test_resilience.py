@@ -1,13 +1,19 @@
 """Runs that survive: a stop signal mid-epoch, a hard kill, truncated checkpoints, corrupt images, and
 bit-for-bit reproducibility (what a preempted cluster job relies on)."""
 import json
+import math
 import os
+import shutil
 import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
-from conftest import interrupt, pretrain_argv, run_cli
+from conftest import ROOT, cli_env, interrupt, pretrain_argv, run_cli
+from util.cli import EXIT_STOPPED
 
 
 def argv(data, out, *extra):
@@ -55,10 +61,13 @@ def test_loss_curve_is_pinned(reference):
 
 @pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
 def test_stop_signal_mid_epoch_saves_and_resumes_to_the_identical_model(tiny_data, tmp_path, reference, sig):
-    """Ctrl-C (SIGINT) too: saved, one line, exit code 130 so that a shell's `a && b` stops."""
+    """Saved, one line, exit code 3 (util.cli.EXIT_STOPPED: stopped, resumable), or 130 for Ctrl-C (SIGINT) so
+    that a shell's `a && b` stops; the resumed run's log.txt is the uninterrupted one's (the stopped epoch's loss
+    averages all its iterations, carried in the checkpoint)."""
     out = tmp_path / 'out'
     code, output = interrupt(argv(tiny_data, out), 'epoch 1 [2/4]', sig)
-    assert code == (130 if sig == signal.SIGINT else 0), output
+    assert code == (130 if sig == signal.SIGINT else EXIT_STOPPED), output
+    assert 'resumable: the same command continues the run' in output and 'training time' not in output
     assert 'stopped in epoch 1 after iteration' in output and 'Traceback' not in output
     ckpt = torch.load(out / 'checkpoint-last.pth', weights_only=True)
     assert ckpt['epoch'] == 1 and 0 < ckpt['resume_iter'] < 4
@@ -66,7 +75,7 @@ def test_stop_signal_mid_epoch_saves_and_resumes_to_the_identical_model(tiny_dat
     assert result.returncode == 0, result.stderr
     assert f'resumed from {out}/checkpoint-last.pth: epoch 1 at iteration {ckpt["resume_iter"]}' in result.stdout
     assert_same_models(final_model(out), final_model(reference))
-    assert losses(out)[0] == losses(reference)[0]  # epoch 0 ran uninterrupted in both
+    assert losses(out) == losses(reference)
 
 
 def test_stop_signal_on_shards_resumes_to_the_model_of_the_uninterrupted_folder_run(tiny_shards, tmp_path,
@@ -75,21 +84,26 @@ def test_stop_signal_on_shards_resumes_to_the_model_of_the_uninterrupted_folder_
     the final weights equal the uninterrupted run's on the folder (same bytes, order and augmentations)."""
     out = tmp_path / 'out'
     code, output = interrupt(argv(tiny_shards, out), 'epoch 1 [2/4]', signal.SIGTERM)
-    assert code == 0 and 'stopped in epoch 1 after iteration' in output, output
+    assert code == EXIT_STOPPED and 'stopped in epoch 1 after iteration' in output, output
     result = run_cli(argv(tiny_shards, out))
     assert result.returncode == 0, result.stderr
     assert_same_models(final_model(out), final_model(reference))
 
 
-def test_stop_signal_to_the_process_group_with_workers_still_saves(tiny_data, tmp_path):
+def test_stop_signal_to_the_process_group_with_workers_saves_and_resumes_identically(tiny_data, tmp_path,
+                                                                                     reference):
     """scancel, a closing terminal and torchrun signal every process of the group, loader workers included:
     the workers must leave stopping to the main process instead of dying under it."""
     out = tmp_path / 'out'
     code, output = interrupt(argv(tiny_data, out, '--num_workers', '2'), 'epoch 1 [2/4]', signal.SIGTERM,
                              group=True)
-    assert code == 0, output
+    assert code == EXIT_STOPPED, output
     assert 'stopped in epoch 1 after iteration' in output and 'Traceback' not in output
     assert torch.load(out / 'checkpoint-last.pth', weights_only=True)['resume_iter'] > 0
+    result = run_cli(argv(tiny_data, out, '--num_workers', '2'))
+    assert result.returncode == 0, result.stderr
+    assert_same_models(final_model(out), final_model(reference))
+    assert losses(out) == losses(reference)
 
 
 def test_ctrl_c_twice_quits_at_once_leaving_the_last_checkpoint(tiny_data, tmp_path):
@@ -106,7 +120,7 @@ def test_ctrl_c_twice_quits_at_once_leaving_the_last_checkpoint(tiny_data, tmp_p
 def test_stop_signal_during_start_up_ends_the_run_with_a_line(tiny_data, tmp_path, sig):
     """Before training starts there is nothing to save; the run says so instead of dying silently."""
     code, output = interrupt(argv(tiny_data, tmp_path / 'out'), 'effective batch', sig)
-    assert code == (130 if sig == signal.SIGINT else 0), output
+    assert code == (130 if sig == signal.SIGINT else EXIT_STOPPED), output
     assert 'stopped before training started' in output and 'Traceback' not in output
 
 
@@ -115,7 +129,7 @@ def test_stop_on_an_epochs_last_iteration_ends_that_epoch_properly(tiny_data, tm
     saved as a mid-epoch state with nothing left to run, which a resume would log as a zero loss."""
     out = tmp_path / 'out'
     code, output = interrupt(argv(tiny_data, out), 'epoch 0 [3/4]', signal.SIGTERM)
-    assert code == 0, output
+    assert code == EXIT_STOPPED, output
     assert 'stopped after epoch 0, checkpoint saved' in output
     ckpt = torch.load(out / 'checkpoint-last.pth', weights_only=True)
     assert ckpt['epoch'] == 0 and not ckpt.get('resume_iter')
@@ -140,6 +154,7 @@ def test_hard_kill_restarts_from_the_last_checkpoint(tiny_data, tmp_path, refere
     assert result.returncode == 0, result.stderr
     assert 'resumed from' in result.stdout
     assert_same_models(final_model(out), final_model(reference))
+    assert losses(out) == losses(reference)  # the epoch cut by the kill: recorded once, with the same loss
 
 
 def test_same_seed_same_losses(tiny_data, tmp_path, reference):
@@ -151,7 +166,6 @@ def test_same_seed_same_losses(tiny_data, tmp_path, reference):
 
 
 def test_truncated_checkpoint_is_refused_and_the_previous_survives(tiny_data, tmp_path, reference):
-    import shutil
     out = tmp_path / 'out'
     shutil.copytree(reference, out)
     last = out / 'checkpoint-last.pth'
@@ -171,7 +185,6 @@ def test_keep_last_and_save_every(tiny_data, tmp_path):
 
 @pytest.mark.parametrize('fraction,ok', [(0.05, True), (0.5, False)])
 def test_corrupt_images(tiny_data, tmp_path, fraction, ok):
-    import shutil
     data = tmp_path / 'data'
     shutil.copytree(tiny_data, data)
     images = sorted((data / 'train').rglob('*.JPEG'))
@@ -204,3 +217,60 @@ def test_a_damaged_last_checkpoint_leaves_the_numbered_one_and_names_it(tiny_dat
     assert f'the newest numbered checkpoint that loads is {numbered}: resume from it with --resume {numbered}' \
         in again.stderr
     assert run_cli(argv(tiny_data, out, '--epochs', '3', '--resume', str(numbered))).returncode == 0
+
+
+def _catches(pid, sig):
+    """Whether process `pid` has a handler for `sig` (the SigCgt mask of /proc/<pid>/status)."""
+    with open(f'/proc/{pid}/status') as f:
+        mask = next(line for line in f if line.startswith('SigCgt:')).split()[1]
+    return bool(int(mask, 16) >> (sig - 1) & 1)
+
+
+@pytest.mark.skipif(not os.path.isdir('/proc/self'), reason='reads the handler mask from /proc')
+def test_stop_signal_during_the_imports_ends_the_run_with_a_line(tiny_data, tmp_path):
+    """The entry point takes the stop signals before it imports torch (seconds): a SIGTERM then ends the run
+    with a line and the stopped exit status, where the default action killed it silently (exit -15)."""
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'main_pretrain.py'), *argv(tiny_data, tmp_path)],
+                            cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not ('main_pretrain.py' in open(f'/proc/{proc.pid}/cmdline').read() and _catches(proc.pid, signal.SIGTERM)):
+        assert proc.poll() is None and time.time() < deadline, 'the run never took SIGTERM'
+        time.sleep(0.001)
+    with open(f'/proc/{proc.pid}/maps') as f:
+        torch_loaded = 'libtorch' in f.read()
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=300)[0]
+    assert not torch_loaded  # the handler came first
+    assert proc.returncode == EXIT_STOPPED, output
+    assert 'stopped before training started' in output and 'Traceback' not in output
+
+
+def test_poisoned_weights_are_never_the_checkpoint_to_resume_from(tiny_data, tmp_path):
+    """--lr 1e6: the first step (lr 0 in warm-up) is saved, the next one's weights come out finite but huge, and
+    the step after that gives NaN. The save after the huge step is refused, so the run's NaN stop is right that
+    nothing was saved since the last good checkpoint, and resuming from it with a sane lr trains on."""
+    out = tmp_path / 'out'
+    poisoned = run_cli(argv(tiny_data, out, '--lr', '1e6', '--warmup_epochs', '1', '--save_every_min', '1e-6'))
+    assert poisoned.returncode == 2, poisoned.stdout + poisoned.stderr
+    assert 'not saving in epoch 0 after iteration 2: the weights\' norm grew' in poisoned.stdout
+    assert 'the loss became NaN or infinite' in poisoned.stderr
+    ckpt = torch.load(out / 'checkpoint-last.pth', weights_only=True)
+    assert (ckpt['epoch'], ckpt['resume_iter']) == (0, 1)
+    resumed = run_cli(argv(tiny_data, out, '--lr', '1e-3', '--warmup_epochs', '1', '--save_every_min', '1e-6'))
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert 'resumed from' in resumed.stdout and 'not saving' not in resumed.stdout
+    assert len(losses(out)) == 3 and all(math.isfinite(loss) for loss in losses(out))
+
+
+def test_a_kill_between_an_epochs_record_and_its_checkpoint_leaves_one_record_per_epoch(tiny_data, tmp_path,
+                                                                                        reference):
+    """Killed while epoch 2's checkpoint was written: log.txt already holds epoch 2's record, checkpoint-last.pth
+    is still epoch 1's. The resumed run trains epoch 2 again and log.txt records it once."""
+    out = tmp_path / 'out'
+    shutil.copytree(reference, out)
+    shutil.copy(out / 'checkpoint-1.pth', out / 'checkpoint-last.pth')
+    os.remove(out / 'checkpoint-2.pth')
+    result = run_cli(argv(tiny_data, out))
+    assert result.returncode == 0, result.stderr
+    assert f'resumed from {out}/checkpoint-last.pth (epoch 1 done)' in result.stdout
+    assert losses(out) == losses(reference)

@@ -130,6 +130,33 @@ def test_a_stray_tar_in_an_image_folder_leaves_it_an_image_folder(tmp_path):
     assert find_shards(str(tmp_path), 'train') is None
 
 
+@pytest.mark.parametrize('folder,link,target', [('', 'self', '.'), ('train', 'self', '.'), ('train', 'up', '..')])
+def test_a_link_loop_leaves_a_folder_of_shards_one(tmp_path, capsys, folder, link, target):
+    """find_shards reads folders one level deep: a loop there is not followed, but it is a sub-folder, which
+    made the folder an image folder; it is said once and ignored."""
+    found = touch(tmp_path / folder, 'train-0.tar', 'train-1.tar')
+    os.symlink(target, tmp_path / folder / link)
+    for _ in range(2):
+        assert find_shards(str(tmp_path), 'train') == found
+    lines = [line for line in capsys.readouterr().out.splitlines() if f'{tmp_path / folder / link} -> {target}' in line]
+    assert len(lines) == 1 and 'not following the link loop' in lines[0]
+    os.makedirs(tmp_path / 'images' / 'ants')
+    os.symlink(str(tmp_path / 'images' / 'ants'), tmp_path / folder / 'ants')  # a link to a folder is a sub-folder
+    assert find_shards(str(tmp_path), 'train') is None
+
+
+def test_a_shard_reached_by_two_names_is_refused(made, tmp_path):
+    """A link to a shard beside it would count its samples twice."""
+    shutil.copyfile(os.path.join(made[0], 'train-000000.tar'), tmp_path / 'train-0.tar')
+    os.symlink('train-0.tar', tmp_path / 'train-1.tar')
+    with pytest.raises(UserError) as e:
+        ShardIndex(find_shards(str(tmp_path), 'train'))
+    assert str(e.value) == (f'shard {tmp_path / "train-1.tar"} is listed twice ({tmp_path / "train-1.tar"} -> '
+                            f'train-0.tar is {tmp_path / "train-0.tar"}); list each shard once')
+    with pytest.raises(UserError, match=r'^shard \S+train-0.tar is listed twice; list each shard once$'):
+        ShardIndex([str(tmp_path / 'train-0.tar'), str(tmp_path / '.' / 'train-0.tar')])
+
+
 # The index -------------------------------------------------------------------------------------------------
 
 def test_index_gives_the_folders_bytes_labels_and_order(made):

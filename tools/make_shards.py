@@ -26,26 +26,33 @@ if ROOT not in sys.path:  # run as `python tools/make_shards.py`: make the repos
 
 from util.atomic import atomic_file  # noqa: E402
 from util.errors import UserError, check, one_line  # noqa: E402
+from util.folders import MAX_NOTES, class_folders, class_images, shown_notes  # noqa: E402
 
 # Neither torch nor torchvision is imported: the tool runs wherever Python does (a storage node) and starts at once.
 # torchvision ImageFolder's extensions; tests/test_make_shards.py checks them and image_folder against it.
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
 
 
-def image_folder(src: str) -> tuple[list[str], list[tuple[str, int]]]:
-    """(classes, [(image path, label)]) as torchvision ImageFolder finds them: sorted class folders, each one's
-    images (links followed) by sorted folder and file name; like ImageFolder, a class without images is an error."""
+def image_folder(src: str, notes: Optional[list] = None) -> tuple[list[str], list[tuple[str, int]]]:
+    """(classes, [(image path, label)]) as util.data's ImageFiles, and so torchvision ImageFolder, finds them: sorted
+    class folders, each one's images (links followed) by sorted folder and file name; like ImageFolder, a class
+    without images is an error. Unlike ImageFolder it does not follow link loops (`self -> .`: os.walk would write
+    the images dozens of times) and reads a folder reached by two links once (util.folders), adding a line to
+    `notes` for each; a folder in two classes is an error, as in training from the folder."""
+    notes = [] if notes is None else notes
     check(os.path.isdir(src), f'no folder {src}: pass an image folder holding <class>/<images> (e.g. DATA/train)')
-    classes = sorted(entry.name for entry in os.scandir(src) if entry.is_dir())
+    classes = class_folders(src, notes)
     check(classes, f'no class folders in {src}: pass an image folder holding <class>/<images> (e.g. DATA/train)')
     samples = []
-    for label, name in enumerate(classes):
-        count = len(samples)
-        for root, _, files in sorted(os.walk(os.path.join(src, name), followlinks=True)):
-            samples += [(os.path.join(root, f), label) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
-        check(len(samples) > count, f'no images ({", ".join(IMAGE_EXTENSIONS)}) in class folder '
-                                    f'{os.path.join(src, name)}; add some or remove the folder')
+    for label, (name, paths) in enumerate(zip(classes, class_images(src, classes, is_image, notes))):
+        check(paths, f'no images ({", ".join(IMAGE_EXTENSIONS)}) in class folder {os.path.join(src, name)}; add '
+                     f'some or remove the folder')
+        samples += [(path, label) for path in paths]
     return classes, samples
+
+
+def is_image(path: str) -> bool:
+    return path.lower().endswith(IMAGE_EXTENSIONS)
 
 
 def member_key(position: int, width: int, path: str, class_name: str) -> str:
@@ -100,7 +107,10 @@ def make_shards(src: str, out: str, shard_size: int = 1000, prefix: Optional[str
                 shuffle_seed: Optional[int] = None) -> list[str]:
     """Write the image folder `src` (<class>/<images>) as shards in `out`; returns the shard paths."""
     check(shard_size >= 1, f'--shard_size must be at least 1, got {shard_size}')
-    classes, samples = image_folder(src)
+    notes = []
+    classes, samples = image_folder(src, notes)
+    for line in shown_notes(notes, src, MAX_NOTES):
+        print(line, flush=True)
     prefix = prefix or os.path.basename(os.path.normpath(os.path.abspath(src)))
     check(prefix and '/' not in prefix, f'--prefix {prefix!r} must be a non-empty file name')
     if os.path.isfile(out):

@@ -179,18 +179,21 @@ def _flag(name, value):
     return f'--{name} {("off", "on")[value] if isinstance(value, bool) else value}'
 
 
-def save_training(args, epoch, model, optimizer, scaler, kind, resume_iter=0, extra=None):
+def save_training(args, epoch, model, optimizer, scaler, kind, resume_iter=0, extra=None, progress=None):
     """Checkpoint the run (a collective: every process contributes its RNG state; the main one writes).
 
     At an epoch's end (resume_iter 0): checkpoint-last.pth and checkpoint-{epoch}.pth, keeping the newest
     --keep_last numbered ones plus every --save_every-th and the final one. Mid-epoch (a stop request):
-    checkpoint-last.pth alone, marked with the iteration to continue from."""
+    checkpoint-last.pth alone, marked with the iteration to continue from and carrying the epoch's sums so far
+    (`progress`, engine.EpochProgress as a dict)."""
     states = rng.capture_all()
     if not is_main() or not args.output_dir:
         return
     state = {'kind': kind, 'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
              'scaler': scaler.state_dict() if scaler.is_enabled() else None, 'epoch': epoch,
              'resume_iter': resume_iter, 'rng': states, 'args': plain(args), **(extra or {})}
+    if resume_iter and progress:
+        state['epoch_progress'] = progress
     last = os.path.join(args.output_dir, LAST)
     save_atomic(state, last)
     if resume_iter == 0:

@@ -38,10 +38,16 @@ def make_parser(prog, description, demo_defaults=None):
 
 
 SILENT_EXIT_DELAY_S = 3
+# The exit status of a run a stop signal ended after saving its checkpoint: the same command continues it.
+# Distinct from 0 (finished), 1 (a crash), 2 (a usage or data error) and 130 (Ctrl-C), so that schedulers and
+# scripts can tell "stopped, resumable" from "done".
+EXIT_STOPPED = 3
 
 
-def run(main, args):
+def run(main, args, exit_when_stopped=True):
     """Run an entry point and return its result, ending the process the way a user can read:
+    - a run a stop signal ended (after saving): exit code EXIT_STOPPED, unless `exit_when_stopped` is False
+      (util.slurm's in-process job requeues it instead, from the result's 'completed': False);
     - a UserError: `error: ...` on stderr and exit code 2, printed once per run: by rank 0 (every process meets
       it alike), or by the process that met it in its own data (a LocalError, or one a loader worker raised);
     - Ctrl-C during a run that already stops, or where nothing checks for a stop: one line, exit code 130;
@@ -71,8 +77,11 @@ def run(main, args):
         sys.exit(1)
     finally:
         STOP.uninstall()
-    if STOP.signal == signal.SIGINT and not (result or {}).get('completed', True):
-        sys.exit(130)
+    if not (result or {}).get('completed', True):
+        if STOP.signal == signal.SIGINT:
+            sys.exit(130)
+        if exit_when_stopped:
+            sys.exit(EXIT_STOPPED)
     return result
 
 

@@ -19,7 +19,9 @@ from torchvision.transforms import InterpolationMode, RandomResizedCrop
 from util.distributed import all_reduce_sum, in_turn, rank, union_of_sets, world_size
 from util.errors import LocalError, UserError
 from util.preemption import ignore_stop_signals
-from util.shards import ShardIndex, find_shards
+from util.logger import log
+from util.folders import MAX_NOTES, class_folders, class_images, folders_above, shown_notes, walk_images
+from util.shards import ShardIndex, find_shards, say_once
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -66,9 +68,13 @@ def pretrain_transform(input_size):
     ])
 
 
-class ImageFiles(datasets.ImageFolder):
-    """torchvision's ImageFolder (`root/<class>/<images>`) that also hands out a sample's file bytes (--gpu_decode)
-    and its decoded image."""
+def say_notes(notes, root):
+    for line in shown_notes(notes, root, MAX_NOTES):
+        say_once(line)
+
+
+class FileSamples:
+    """read and image for a dataset whose `samples` are (image file path, label)."""
 
     def read(self, i):
         with open(self.samples[i][0], 'rb') as f:
@@ -78,27 +84,55 @@ class ImageFiles(datasets.ImageFolder):
         return load_rgb(self.samples[i][0])
 
 
-class FlatImages(Dataset):
-    """Every image file under `root`, searched recursively in sorted order, all labelled 0: unlabelled images
-    for pretraining, which needs no classes."""
+class ImageFiles(FileSamples, datasets.ImageFolder):
+    """torchvision's ImageFolder (`root/<class>/<images>`, links followed) that also hands out a sample's file bytes
+    (--gpu_decode) and its decoded image. Unlike ImageFolder it does not follow link loops, reads a folder reached
+    by two links once, and refuses a folder in two classes, whose images would have two labels."""
+
+    def __init__(self, root, **kwargs):
+        self.notes = []
+        super().__init__(root, **kwargs)
+        say_notes(self.notes, root)
+
+    def find_classes(self, directory):
+        """ImageFolder's classes (sorted folder names) less the folders that are a loop (`self -> .`)."""
+        classes = class_folders(directory, self.notes)
+        if not classes:
+            raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
+        return classes, {name: i for i, name in enumerate(classes)}
+
+    def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        """ImageFolder's samples, each class's folder walked by walk_images (util.folders.class_images)."""
+        if is_valid_file is None:
+            def is_valid_file(path):
+                return path.lower().endswith(extensions if isinstance(extensions, str) else tuple(extensions))
+        names = sorted(class_to_idx)
+        samples, empty = [], []
+        for name, paths in zip(names, class_images(directory, names, is_valid_file, self.notes)):
+            samples += [(path, class_to_idx[name]) for path in paths]
+            empty += [] if paths else [name]
+        if empty and not allow_empty:  # torchvision's words
+            raise FileNotFoundError(f'Found no valid file for the classes {", ".join(empty)}. ' + (
+                f'Supported extensions are: {", ".join(extensions)}' if extensions else ''))
+        return samples
+
+
+class FlatImages(FileSamples, Dataset):
+    """Every image file under `root`, searched recursively in sorted order (links followed, loops not), all
+    labelled 0: unlabelled images for pretraining, which needs no classes."""
 
     def __init__(self, root, transform):
-        self.root, self.transform, self.classes = root, transform, ['images']
-        self.samples = [(os.path.join(d, f), 0) for d, dirs, files in sorted(os.walk(root, followlinks=True))
-                        for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
+        self.root, self.transform, self.classes, notes = root, transform, ['images'], []
+        paths = walk_images(root, lambda path: path.lower().endswith(IMAGE_EXTENSIONS), folders_above(root)[1:],
+                            {}, notes)
+        say_notes(notes, root)
+        self.samples = [(path, 0) for path in paths]
         if not self.samples:
             raise UserError(f'no images under {root}; --data_path must hold images (in class folders or not), '
                             f'train/<class>/<images> or tar shards')
 
     def __len__(self):
         return len(self.samples)
-
-    def read(self, i):
-        with open(self.samples[i][0], 'rb') as f:
-            return f.read()
-
-    def image(self, i):
-        return load_rgb(self.samples[i][0])
 
     def __getitem__(self, i):
         return self.transform(self.image(i)), 0
@@ -138,7 +172,24 @@ def image_folder(data_path, split, transform, labelled=True):
     """The `split` images of --data_path: tar shards (a brace pattern, .tar files, or a folder of them:
     util.shards.find_shards), else `data_path/split/<class>/<image>`; unlabelled (pretraining), also a folder
     of images without class folders (`data_path/split` or `data_path` itself). A one-line error saying what is
-    missing."""
+    missing; a log line saying which layout was found."""
+    dataset = _open(data_path, split, transform, labelled)
+    log(f'{split} data: {describe(dataset)}')
+    return dataset
+
+
+def describe(dataset):
+    """The layout and size of a dataset, so that a log shows which of the layouts --data_path was taken as."""
+    if isinstance(dataset, ShardImages):
+        labels = f'{len(dataset.classes)} classes' if dataset.classes else 'unlabelled'
+        count = len(dataset.index.shards)
+        return f'{count} tar shard{"s" if count > 1 else ""} in {dataset.root}: {len(dataset)} images, {labels}'
+    if isinstance(dataset, FlatImages):
+        return f'folder of images without classes {dataset.root}: {len(dataset)} images'
+    return f'image folder {dataset.root}: {len(dataset)} images in {len(dataset.classes)} classes'
+
+
+def _open(data_path, split, transform, labelled):
     shards = find_shards(data_path, split)
     if shards:
         dataset = ShardImages(shards, transform)

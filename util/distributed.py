@@ -8,26 +8,17 @@ import torch
 import torch.distributed as dist
 
 from util.errors import UserError
-
-
-def _launcher():
-    """What started this process as one of several: 'torchrun' (RANK and WORLD_SIZE, as torchrun,
-    `torch.distributed.launch --use_env` and submitit set them), 'srun' (SLURM tasks without a launcher), or None."""
-    if 'RANK' in os.environ and 'WORLD_SIZE' in os.environ:
-        return 'torchrun'
-    if int(os.environ.get('SLURM_NTASKS', 1)) > 1 and 'SLURM_PROCID' in os.environ:
-        return 'srun'
-    return None
+from util.launch import env_rank, launcher
 
 
 def init_distributed(args):
     """Sets args.distributed, args.rank, args.world_size, args.local_rank and returns the torch device."""
-    launcher = _launcher()
-    if launcher == 'torchrun':
+    started_by = launcher()
+    if started_by == 'torchrun':
         args.rank = int(os.environ['RANK'])
         args.world_size = int(os.environ['WORLD_SIZE'])
         args.local_rank = int(os.environ.get('LOCAL_RANK', args.local_rank))
-    elif launcher == 'srun':
+    elif started_by == 'srun':
         _from_slurm(args)
     else:
         args.rank, args.world_size, args.local_rank = 0, 1, 0
@@ -77,12 +68,7 @@ def rank():
 def launch_rank():
     """This process's rank, also before the process group exists: then the launcher's (torchrun's RANK, or
     srun's SLURM_PROCID), so that start-up lines and errors are printed once, not once per process."""
-    if dist.is_initialized():
-        return dist.get_rank()
-    launcher = _launcher()
-    if launcher == 'torchrun':
-        return int(os.environ['RANK'])
-    return int(os.environ['SLURM_PROCID']) if launcher == 'srun' else 0
+    return dist.get_rank() if dist.is_initialized() else env_rank()
 
 
 def world_size():

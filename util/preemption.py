@@ -5,14 +5,18 @@ checkpoint, instead of dying mid-step. After that, Ctrl-C quits at once, without
 DataLoader workers ignore them all: the training process alone decides when to stop, and a worker killed by
 the terminal's or the scheduler's signal to the whole process group would take the run down before it could
 save. Ignoring SIGTERM also defeats the DataLoader's last resort for a stuck worker (it terminates it and
-Python's exit then waits for it), so workers still alive when the training process exits are killed."""
+Python's exit then waits for it), so workers still alive when the training process exits are killed.
+
+The entry points install the handlers before they import torch (`STOP.install()` under `__main__`, first
+thing): a stop signal during the seconds of imports then ends the run with a line instead of silently. This
+module therefore imports nothing heavy."""
 import atexit
 import multiprocessing
 import os
 import signal
 import time
 
-from util.distributed import is_main
+from util.launch import env_rank
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
 
@@ -28,17 +32,23 @@ class StopRequest:
     def requested(self):
         return self.signal is not None
 
+    @property
+    def installed(self):
+        return self._previous is not None
+
     def install(self):
-        """Handle the stop signals from now on, forgetting any earlier request (a new run in this process)."""
-        self.signal = None
+        """Handle the stop signals from now on, forgetting a request of an earlier run. Installing again (the
+        training run after the entry point's early install) keeps a request that already arrived."""
         if self._previous is None:
+            self.signal = None
             self._previous = {sig: signal.getsignal(sig) for sig in SIGNALS}
-        for sig in SIGNALS:
-            signal.signal(sig, self._handle)
+            for sig in SIGNALS:
+                signal.signal(sig, self._handle)
         return self
 
     def uninstall(self):
-        """Give the signals back to their earlier handlers (tests and notebooks run several runs in a process)."""
+        """Give the signals back to their earlier handlers (tests and notebooks run several runs in a process); the
+        request stays readable until the next install."""
         if self._previous is not None:
             for sig, handler in self._previous.items():
                 signal.signal(sig, signal.SIG_DFL if handler is None else handler)
@@ -49,13 +59,14 @@ class StopRequest:
             raise KeyboardInterrupt  # Ctrl-C after a stop request: the user does not want to wait for the save
         if self.signal is None:
             self.signal = signum
-            if is_main():  # os.write: print() here could re-enter a write the signal interrupted
+            if env_rank() == 0:  # os.write: print() here could re-enter a write the signal interrupted
                 again = '; press Ctrl-C again to quit without saving' if signum == signal.SIGINT else ''
                 os.write(1, f'{time.strftime("%H:%M:%S")} received {signal.Signals(signum).name}: saving a '
                             f'checkpoint at the next check, then exiting{again}\n'.encode())
 
 
-# One per process: installed when a training run starts (util.runtime.start), read by every epoch.
+# One per process: installed by the entry point and when a training run starts (util.runtime.start), read by
+# every epoch.
 STOP = StopRequest()
 
 

@@ -3,6 +3,7 @@
 import inspect
 import os
 import platform
+import signal
 import subprocess
 
 import numpy as np
@@ -27,6 +28,11 @@ def start(args):
     signals from here on, so a stop during start-up ends it with a line rather than silently."""
     if not getattr(args, 'eval', False):
         STOP.install()
+    elif STOP.installed:  # evaluating only: nothing to save, so the stop signals act as they would by default
+        pending = STOP.signal
+        STOP.uninstall()
+        if pending is not None:
+            signal.raise_signal(pending)
     device = init_distributed(args)
     settle_for_device(args, device)
     if device.type == 'cpu' and 'OMP_NUM_THREADS' not in os.environ:
@@ -93,7 +99,7 @@ def software():
 def open_logger(args, start_epoch):
     """Write and print the resolved configuration (config.json also records the software); say so when a
     resumed run has nothing left to train."""
-    logger = RunLogger(args.output_dir, args.log_dir)
+    logger = RunLogger(args.output_dir, args.log_dir, start_epoch)
     config = plain(args)
     logger.config({**config, 'software': software()})
     log('config: ' + ' '.join(f'{k}={v}' for k, v in sorted(config.items())))

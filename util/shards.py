@@ -22,6 +22,7 @@ import numpy as np
 from util.atomic import atomic_file
 from util.config import cache_dir
 from util.errors import UserError
+from util.folders import folders_above, identity, link_text, loop_note
 from util.logger import log
 
 # torchvision ImageFolder's extensions: tools/make_shards.py writes whatever an image folder holds
@@ -47,6 +48,18 @@ MAX_OPEN_SHARDS = _open_file_budget()
 INDEX_THREADS = 8  # the header scan waits on the disk (or network file system), not on the CPU
 SPLIT_NAMES = {'val': ('val', 'validation'), 'validation': ('val', 'validation')}
 KNOWN_SPLITS = ('train', 'val', 'validation', 'test')
+
+
+# Lines about folders reached by links -------------------------------------------------------------------------
+
+_SAID = set()
+
+
+def say_once(line):
+    """Log a line about the data once per process: a dataset is opened more than once (training, k-NN monitor)."""
+    if line not in _SAID:
+        _SAID.add(line)
+        log(line)
 
 
 # Shard paths ---------------------------------------------------------------------------------------------
@@ -120,9 +133,21 @@ def _names_split(filename, split):
 
 def _holds_images(folder):
     """An image folder (class folders, or images) that may also hold a stray .tar: ImageNet's val/ often keeps
-    ILSVRC2012_img_val.tar beside the extracted images. Such a folder is read as images, never as shards."""
-    return any(entry.is_dir() or entry.name.lower().rsplit('.', 1)[-1] in IMAGE_EXTENSIONS
-               for entry in os.scandir(folder))
+    ILSVRC2012_img_val.tar beside the extracted images. Such a folder is read as images, never as shards. A link
+    loop (`self -> .`) is no sub-folder: it would make a folder of shards an image folder."""
+    above = None
+    for entry in os.scandir(folder):
+        if entry.is_dir():
+            above = above or dict(folders_above(folder))
+            with contextlib.suppress(OSError):
+                key = identity(entry.stat())
+                if key in above:
+                    say_once(loop_note(entry.path, above[key]))
+                    continue
+            return True
+        if entry.name.lower().rsplit('.', 1)[-1] in IMAGE_EXTENSIONS:
+            return True
+    return False
 
 
 def _named_shards(pattern, split, names):
@@ -309,10 +334,13 @@ class ShardIndex:
     def __init__(self, shards: list[str]):
         if not shards:
             raise UserError('no shards given; pass shard files, a brace pattern or a folder of .tar shards')
-        absolute = collections.Counter(os.path.abspath(path) for path in shards)
-        twice = next((path for path in shards if absolute[os.path.abspath(path)] > 1), None)
-        if twice:
-            raise UserError(f'shard {twice} is listed twice; list each shard once')
+        first = {}
+        for path in shards:  # by the file itself: a link to a shard beside it would count its samples twice
+            key = identity(os.stat(path))
+            if key in first:
+                raise UserError(f'shard {path} is listed twice' + (
+                    f' ({link_text(path)} is {first[key]})' if first[key] != path else '') + '; list each shard once')
+            first[key] = path
         self.shards = list(shards)
         per_shard = [_cached(shard) for shard in shards]
         todo = [k for k, samples in enumerate(per_shard) if samples is None]

@@ -40,7 +40,7 @@ class Trainer:
         os.environ.update(RANK=str(env.global_rank), WORLD_SIZE=str(env.num_tasks),
                           LOCAL_RANK=str(env.local_rank), MASTER_ADDR=env.hostnames[0],
                           MASTER_PORT=str(20000 + int(''.join(filter(str.isdigit, str(env.job_id))) or 0) % 20000))
-        result = cli.run(self.main, self.args) or {}
+        result = cli.run(self.main, self.args, exit_when_stopped=False) or {}
         if not result.get('completed', True) and env.global_rank == 0 and os.environ.get('SLURM_JOB_ID'):
             subprocess.check_call(['scontrol', 'requeue', os.environ['SLURM_JOB_ID']], timeout=60)
         return result
