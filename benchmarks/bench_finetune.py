@@ -88,7 +88,7 @@ def main():
                 if folder is None:
                     source = itertools.repeat(batch)
                 else:
-                    dataset = image_folder(folder, 'train', main_finetune.train_transform(args))
+                    dataset = common.quiet(image_folder, folder, 'train', main_finetune.train_transform(args))
                     source = common.endless(train_loader(dataset, batch_size, opts.num_workers,
                                                          device.type == 'cuda', 0))
                 seconds, peak_gib = common.time_steps(run_epoch, source, opts, device)

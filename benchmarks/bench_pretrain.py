@@ -104,7 +104,7 @@ def synthetic_batch(opts, batch_size, device):
 
 def jpeg_loader(opts, folder, batch_size, device):
     """main_pretrain's loader over `folder` (--gpu_decode: workers read bytes, the device decodes)."""
-    dataset = image_folder(folder, 'train', pretrain_transform(opts.input_size), labelled=False)
+    dataset = common.quiet(image_folder, folder, 'train', pretrain_transform(opts.input_size), False)
     return train_loader(dataset, batch_size, opts.num_workers, device.type == 'cuda', 0,
                         opts.input_size if opts.gpu_decode else None)
 

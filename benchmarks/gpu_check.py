@@ -169,7 +169,7 @@ def panels_on_compiled_blocks(size, device, folder):
     count = min(4, size.batch)
     grids = visualize.panels(model, teacher, batch[0][:count], args.mask_ratio, attn_mask=True).grids
     side = size.input_size
-    expected = (count, visualize.LABEL_H + side + 2 * visualize.PAD, 5 * side + 6 * visualize.PAD, 3)
+    expected = (count, *visualize.grid_shape(side))
     return [('visualize.panels on compiled blocks', f'{grids.dtype} {list(grids.shape)}',
              f'uint8 {list(expected)}', grids.shape == expected and grids.dtype == np.uint8)]
 

@@ -15,6 +15,7 @@ import main_finetune
 import models_milan
 import models_vit
 from conftest import ROOT
+from test_pretrained import perturbed_milan, write_mmpretrain_milan
 from tools import checkpoint_tools
 from util.checkpoint import load_checkpoint
 from util.cli import parse_args
@@ -175,6 +176,34 @@ def test_import_mae_round_trips(tmp_path, capsys, prompting, use_clip):
     tool('summary', path)
     out = capsys.readouterr().out
     assert 'kind: released MAE/MILAN pretraining file' in out and 'model: mae_vit_tiny_patch8\n' in out
+
+
+def test_import_of_mmpretrain_milan_gives_the_same_model(tmp_path, capsys):
+    """MMPretrain's MILAN pretraining file (an MMEngine file: message hub, optimizer, CLIP teacher, no args): every
+    tensor of encoder and prompting decoder lands in our layout, the model computes exactly what the source does,
+    and what the file doesn't say is MILAN's recipe (CLIP target, prompting decoder, semantic-aware masking)."""
+    source = perturbed_milan(prompting=True)
+    path, out = tmp_path / 'milan_vit-base-p16_mmpretrain.pth', tmp_path / 'ours.pth'
+    write_mmpretrain_milan(path, source)
+    tool('summary', path)
+    printed = capsys.readouterr().out
+    assert 'kind: released MMPretrain pretraining file\n' in printed and 'epoch: 399\n' in printed
+    assert 'model: mae_vit_tiny_patch8 (read off the weights)\n' in printed
+    tool('import-mae', path, out)
+    assert 'prompting decoder, epoch 399;' in capsys.readouterr().out
+    ckpt = load_checkpoint(str(out), 'pretrain')
+    args = ckpt['args']
+    assert ckpt['epoch'] == 399
+    assert (args['use_clip'], args['change_decoder'], args['attn_mask'], args['input_size']) == (True, True, True, 32)
+    model = models_milan.create_from_flags(args, 64).eval()
+    model.load_state_dict(ckpt['model'])  # strict
+    for key, value in source.state_dict().items():
+        assert torch.equal(ckpt['model'][key], value), key
+    x, targets = torch.randn(2, 3, 32, 32), torch.randn(2, 17, 64)
+    ids = torch.stack([torch.randperm(16) for _ in range(2)])
+    with torch.no_grad():
+        for got, expected in zip(model(x, targets, ids_shuffle=ids), source(x, targets, ids_shuffle=ids)):
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 def test_import_mae_refuses_what_does_not_match(tmp_path):

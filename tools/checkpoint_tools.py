@@ -6,8 +6,9 @@ plain timm state dict), `import-mae` (a released MAE/MILAN pretraining file as o
     python tools/checkpoint_tools.py import-mae RELEASED.pth OUT.pth
 
 Model sizes are read off the tensors (embedding width, depth, patch size, position table), so released
-files without args work too. timm's create_model(..., checkpoint_path=OUT) loads strictly, so an exported
-pretraining encoder has no head and loads with num_classes=0; export-timm prints the exact call.
+files without args work too, MMPretrain's included (MMEngine files: `backbone.*`, the decoder `neck.*`).
+timm's create_model(..., checkpoint_path=OUT) loads strictly, so an exported pretraining encoder has no head
+and loads with num_classes=0; export-timm prints the exact call.
 """
 import argparse
 import math
@@ -27,7 +28,8 @@ from util.checkpoint import save_atomic  # noqa: E402
 from util.config import plain  # noqa: E402
 from util.cli import add_common_args, make_parser, run  # noqa: E402
 from util.errors import UserError  # noqa: E402
-from util.pretrained import model_state, read_checkpoint  # noqa: E402
+from util.pretrained import (checkpoint_epoch, is_mmpretrain, model_state, read_checkpoint,  # noqa: E402
+                             strip_prefixes)
 
 OUR_KINDS = ('pretrain', 'finetune', 'linprobe')
 ENCODER = ('cls_token', 'pos_embed', 'patch_embed', 'blocks', 'norm')
@@ -75,20 +77,27 @@ def parameter_counts(state):
     return encoder, sum(counted.values())
 
 
+def released_layout(ckpt):
+    """Whose layout a released file has, for the summary: MMPretrain's (an MMEngine file) or MAE's."""
+    state = ckpt.get('state_dict')
+    return 'MMPretrain' if isinstance(state, dict) and is_mmpretrain(strip_prefixes(state)) else 'MAE/MILAN'
+
+
 def summary(args):
     ckpt = read_checkpoint(args.checkpoint)
     state = model_state(ckpt, args.checkpoint)
     saved = saved_args(ckpt)
     size, input_size = infer_size(state, args.checkpoint)
     has_decoder = any(k.startswith(DECODER) for k in state)
-    kind = ckpt.get('kind') or ('released MAE/MILAN pretraining file' if has_decoder else
+    kind = ckpt.get('kind') or (f'released {released_layout(ckpt)} pretraining file' if has_decoder else
                                 'released encoder' + (' with a head' if 'head.weight' in state else ''))
     name = saved.get('model') or (f'mae_{size}' if has_decoder else size) + ' (read off the weights)'
     encoder, total = parameter_counts(state)
+    epoch = checkpoint_epoch(ckpt)
     print(f'checkpoint: {args.checkpoint}')
     print(f'kind: {kind}')
     print(f'model: {name}')
-    print(f'epoch: {ckpt.get("epoch", "-")}')
+    print(f'epoch: {"-" if epoch is None else epoch}')
     print(f'input size: {input_size}')
     print(f'parameters: encoder {encoder:,} / total {total:,}')
     key_args = [f'{k}={saved[k]}' for k in KEY_ARGS if k in saved]
@@ -154,15 +163,15 @@ def export_timm(args):
         print(f'    {line}')
 
 
-def import_mae(args):
-    check_out_folder(args.out)
-    ckpt = read_checkpoint(args.checkpoint)
-    if ckpt.get('kind') in OUR_KINDS:
-        raise UserError(f'{args.checkpoint} is already a {ckpt["kind"]} checkpoint of this repository')
-    state = model_state(ckpt, args.checkpoint)
-    size, input_size = infer_size(state, args.checkpoint)
+def released_pretraining(ckpt, path):
+    """(our MilanViT with the weights, the flags to save with it) of a released MAE/MILAN pretraining file, in MAE's
+    layout or MMPretrain's. The sizes are read off the tensors, the decoder type off its keys; what a file without
+    args doesn't say is guessed: the CLIP target when the head is not pixel-sized, and MILAN's semantic-aware
+    masking with the prompting decoder and that target (MMPretrain's MILAN files, which keep no args)."""
+    state = model_state(ckpt, path)
+    size, input_size = infer_size(state, path)
     if not any(k.startswith(DECODER) for k in state):
-        raise UserError(f'{args.checkpoint} holds an encoder without decoder (a release for fine-tuning): '
+        raise UserError(f'{path} holds an encoder without decoder (a release for fine-tuning): '
                         f'pass it to main_finetune.py --finetune as it is')
     released = saved_args(ckpt)
     name = f'mae_{size}'
@@ -180,14 +189,25 @@ def import_mae(args):
 
     ours = set(models_milan.FLAG_DEFAULTS) | {a.dest for a in add_common_args(argparse.ArgumentParser())._actions}
     mapped = {k: v for k, v in released.items() if k in ours}  # the flags of theirs that we share
+    mapped.setdefault('attn_mask', use_clip and prompting)
     mapped.update(model=name, input_size=input_size, use_clip=use_clip, change_decoder=prompting,
-                  imported_from=os.path.abspath(args.checkpoint))
-    epoch = ckpt.get('epoch')
-    save_atomic({'kind': 'pretrain', 'model': model.state_dict(), 'epoch': epoch if isinstance(epoch, int) else None,
+                  imported_from=os.path.abspath(path))
+    return model, mapped
+
+
+def import_mae(args):
+    check_out_folder(args.out)
+    ckpt = read_checkpoint(args.checkpoint)
+    if ckpt.get('kind') in OUR_KINDS:
+        raise UserError(f'{args.checkpoint} is already a {ckpt["kind"]} checkpoint of this repository')
+    model, mapped = released_pretraining(ckpt, args.checkpoint)
+    epoch = checkpoint_epoch(ckpt)
+    save_atomic({'kind': 'pretrain', 'model': model.state_dict(), 'epoch': epoch,
                  'args': plain(argparse.Namespace(**mapped))}, args.out)
-    print(f'wrote {args.out}: {name} at {input_size}px, {"CLIP" if use_clip else "pixel"} target, '
-          f'{"prompting" if prompting else "MAE"} decoder, epoch {epoch}; weights only (no optimizer state, '
-          f'so it cannot be resumed): use it with main_finetune.py --finetune or visualize.py --checkpoint')
+    print(f'wrote {args.out}: {mapped["model"]} at {mapped["input_size"]}px, '
+          f'{"CLIP" if mapped["use_clip"] else "pixel"} target, {"prompting" if mapped["change_decoder"] else "MAE"} '
+          f'decoder, epoch {"?" if epoch is None else epoch}; weights only (no optimizer state, so it cannot be '
+          f'resumed): use it with main_finetune.py --finetune or visualize.py --checkpoint')
 
 
 def get_args_parser():
@@ -203,7 +223,7 @@ def get_args_parser():
                    help='optional check of the size (e.g. vit_base_patch16); it is read off the weights anyway')
     p.set_defaults(func=export_timm)
     p = sub.add_parser('import-mae', help='a released MAE/MILAN pretraining file as our pretraining checkpoint')
-    p.add_argument('checkpoint', help='a released MAE or MILAN pretraining file')
+    p.add_argument('checkpoint', help='a released MAE or MILAN pretraining file (MAE\'s or MMPretrain\'s layout)')
     p.add_argument('out', help='the pretraining checkpoint to write')
     p.set_defaults(func=import_mae)
     return parser

@@ -15,13 +15,61 @@ DROP_PREFIXES = ('decoder_', 'mask_token', 'teacher', 'clip')
 PREFIXES = ('module.', '_orig_mod.')
 
 
-def read_checkpoint(path):
-    """Any checkpoint dict: ours, or a released MAE/MILAN file whose pickled argparse.Namespace is the one
-    class the weights-only loader is allowed to rebuild."""
-    if not os.path.isfile(path):
-        raise UserError(f'checkpoint {path}: no such file')
+# Packages whose objects MMEngine-era checkpoints pickle next to the weights (MMEngine's MessageHub and its
+# HistoryBuffers, NumPy arrays and scalars): rebuilt as Inert stand-ins, their code never imported nor run.
+INERT_PACKAGES = ('mmengine', 'mmcv', 'mmpretrain', 'mmselfsup', 'mmcls', 'numpy')
+
+
+class Inert:
+    """What a checkpoint holds of a class from INERT_PACKAGES: the name, arguments and state it was pickled with,
+    nothing of its behaviour. Weights never live in such objects (MMEngine keeps them in plain dicts)."""
+    pickled_as = '?'
+
+    def __new__(cls, *args, **kwargs):
+        self = super().__new__(cls)
+        self.args, self.state = args, None
+        return self
+
+    def __init__(self, *args, **kwargs):  # the pickle "calls" the class or function it stands for
+        pass
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __repr__(self):
+        return f'<{self.pickled_as}, not loaded>'
+
+
+def _inert_stand_ins(names):
+    """(stand-in, name) pairs for torch.serialization.safe_globals: one Inert subclass per pickled global."""
+    return [(type(name.rsplit('.', 1)[-1], (Inert,), {'pickled_as': name}), name) for name in sorted(names)]
+
+
+def _refused_globals(path):
+    """The globals of `path` that the weights-only loader would refuse, found by scanning its pickle without
+    running it; [] when it can't be scanned (not torch's zip format)."""
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:
+        return []
+
+
+def read_checkpoint(path):
+    """Any checkpoint dict, always through torch's weights-only loader: ours; a released MAE/MILAN file, whose
+    pickled argparse.Namespace is allowed; an MMEngine one (MMPretrain's), whose `message_hub` and NumPy objects
+    come back as Inert stand-ins. A global of any other package is refused before loading, so no pickled code
+    runs and a large file is read once."""
+    if not os.path.isfile(path):
+        raise UserError(f'checkpoint {path}: no such file')
+    refused = _refused_globals(path)
+    foreign = [name for name in refused if name.split('.')[0] not in INERT_PACKAGES]
+    if foreign:
+        raise UserError(f'cannot read {path} as a checkpoint (it holds objects the safe loader refuses: '
+                        f'{", ".join(foreign[:3])}); pass a file of weights: ours, a released MAE/MILAN one or '
+                        f'an MMEngine one such as MMPretrain\'s')
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace, *_inert_stand_ins(refused)]):
             ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
         raise UserError(f'cannot read {path} as a checkpoint ({load_failure(e, path)}); it may be truncated or not '
@@ -29,6 +77,17 @@ def read_checkpoint(path):
     if not isinstance(ckpt, dict):
         raise UserError(f'{path} holds a {type(ckpt).__name__}, not a checkpoint dict')
     return ckpt
+
+
+def checkpoint_epoch(ckpt):
+    """The epoch a checkpoint was written at, counted from 0 as ours and MAE's are (the last one finished, or with
+    ours' `resume_iter` the one it stopped in); MMEngine's meta counts finished epochs from 1. None if unsaid."""
+    epoch = ckpt.get('epoch')
+    if isinstance(epoch, int) and not isinstance(epoch, bool):
+        return epoch
+    meta = ckpt.get('meta')
+    epoch = meta.get('epoch') if isinstance(meta, dict) else None
+    return epoch - 1 if isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 1 else None
 
 
 def strip_prefixes(state):
@@ -61,15 +120,28 @@ def load_failure(error, path):
 
 
 # MMPretrain's ViT (mmpretrain.models.backbones.VisionTransformer, which MILAN's and MAE's backbones extend) in
-# timm's names; its decoder and teacher are dropped by name, with the reason logged.
+# timm's names, which are also our MilanViT encoder's.
 MMPRETRAIN_NAMES = ((r'patch_embed\.projection\.', 'patch_embed.proj.'), (r'layers\.(\d+)\.ln1\.', r'blocks.\1.norm1.'),
                     (r'layers\.(\d+)\.ln2\.', r'blocks.\1.norm2.'), (r'layers\.(\d+)\.attn\.', r'blocks.\1.attn.'),
                     (r'layers\.(\d+)\.ffn\.layers\.0\.0\.', r'blocks.\1.mlp.fc1.'),
                     (r'layers\.(\d+)\.ffn\.layers\.1\.', r'blocks.\1.mlp.fc2.'), (r'ln1\.', 'norm.'),
                     (r'ln2\.', 'fc_norm.'), (r'(cls_token|pos_embed)$', r'\1'))
+# Its pretraining decoders (`neck.*`: MILANPretrainDecoder, MAEPretrainDecoder) in our MilanViT's decoder names.
+# Both keep MAE's names for the embedding, mask token, position table and prediction; their blocks are MMPretrain
+# transformer layers (ln1, ln2, ffn.layers.*) and the final norm is `ln1`. MILAN's prompting attention has our
+# q and kv projections, kv's rows all keys then all values (heads contiguous in each) as ours; MAE's blocks have
+# timm's qkv. So every tensor maps whole, with the same layout.
+MMPRETRAIN_NECK = ((r'(decoder_embed|decoder_pred)\.(weight|bias)', r'\1.\2'),
+                   (r'(mask_token|decoder_pos_embed)', r'\1'),
+                   (r'decoder_blocks\.(\d+)\.ln([12])\.(weight|bias)', r'decoder_blocks.\1.norm\2.\3'),
+                   (r'decoder_blocks\.(\d+)\.attn\.(q|kv|qkv|proj)\.(weight|bias)', r'decoder_blocks.\1.attn.\2.\3'),
+                   (r'decoder_blocks\.(\d+)\.ffn\.layers\.0\.0\.(weight|bias)', r'decoder_blocks.\1.mlp.fc1.\2'),
+                   (r'decoder_blocks\.(\d+)\.ffn\.layers\.1\.(weight|bias)', r'decoder_blocks.\1.mlp.fc2.\2'),
+                   (r'ln1\.(weight|bias)', r'decoder_norm.\1'))
 MMPRETRAIN_HEADS = ('head.fc.', 'head.layers.head.')  # fine-tuning's LinearClsHead, probing's ViT head
-MMPRETRAIN_DROPPED = {'neck.': 'the pretraining decoder (MILAN\'s prompting decoder, MAE\'s) or the linear probe\'s '
-                               'BatchNorm statistics', 'target_generator.': 'the frozen CLIP teacher',
+# Parts dropped by name (the most specific prefix first), with the reason logged.
+MMPRETRAIN_DROPPED = {'neck.bn.': 'the linear probe\'s BatchNorm statistics (ClsBatchNormNeck)',
+                      'target_generator.': 'the frozen CLIP teacher',
                       'data_preprocessor.': 'the input normalisation constants'}
 
 
@@ -77,10 +149,20 @@ def is_mmpretrain(state):
     return 'backbone.patch_embed.projection.weight' in state
 
 
+def _neck_name(rest):
+    """Our decoder's name for MMPretrain's `neck.<rest>`, or None."""
+    for pattern, name in MMPRETRAIN_NECK:
+        if re.fullmatch(pattern, rest):
+            return re.sub(pattern, name, rest)
+    return None
+
+
 def from_mmpretrain(state, path):
-    """MMPretrain's keys (`backbone.*`, `head.*`) in timm's names; every other key is dropped by name with a
-    reason, and a key that is neither is refused (it would mean a model this code does not know)."""
-    out, dropped = {}, {}
+    """MMPretrain's keys in our names: `backbone.*` and `head.*` in timm's (a classifier's), the pretraining
+    decoder `neck.*` in our MilanViT's (read_pretrained drops it again for classifiers). Other keys are dropped by
+    name with a reason; a key that is neither is refused (it would mean a model this code does not know). A neck
+    with any key that is not MILAN's or MAE's decoder is dropped whole, so a decoder is never half loaded."""
+    out, decoder, dropped, strange_neck = {}, {}, {}, None
     for key, value in state.items():
         if key.startswith('backbone.'):
             rest = key[len('backbone.'):]
@@ -93,14 +175,26 @@ def from_mmpretrain(state, path):
                                 f'checkpoint (MILAN, MAE or its fine-tuned model)')
         elif key.startswith(MMPRETRAIN_HEADS):
             out['head.' + key.rsplit('.', 1)[1]] = value
+        elif key.startswith('neck.') and not key.startswith('neck.bn.'):
+            name = _neck_name(key[len('neck.'):])
+            if name is None:
+                strange_neck = strange_neck or key
+            decoder[name or key] = value
         else:
             prefix = next((p for p in MMPRETRAIN_DROPPED if key.startswith(p)), None)
             if prefix is None:
                 raise UserError(f'{path}: MMPretrain key {key} is neither the ViT, its head, nor a part this code '
                                 f'drops knowingly; pass a MILAN/MAE checkpoint or its fine-tuned model')
             dropped[prefix] = dropped.get(prefix, 0) + 1
-    log(f'{path}: MMPretrain layout, {len(out)} tensors in timm\'s names; dropped '
-        + (', '.join(f'{n} {p[:-1]}.* ({MMPRETRAIN_DROPPED[p]})' for p, n in dropped.items()) or 'nothing'))
+    reasons = dict(MMPRETRAIN_DROPPED)
+    if strange_neck:
+        dropped['neck.'] = len(decoder)
+        reasons['neck.'] = f'not MILAN\'s or MAE\'s decoder: {strange_neck} is neither\'s'
+    else:
+        out.update(decoder)
+    kept = f' ({len(decoder)} of them the decoder, from neck.*)' if decoder and not strange_neck else ''
+    log(f'{path}: MMPretrain layout, {len(out)} tensors in our names{kept}; dropped '
+        + (', '.join(f'{n} {p[:-1]}.* ({reasons[p]})' for p, n in dropped.items()) or 'nothing'))
     return out
 
 
