@@ -20,6 +20,7 @@ DEMO_DEFAULTS = dict(model='vit_tiny_patch8', input_size=64, batch_size=64, num_
 def get_args_parser():
     parser = cli.make_parser('MILAN k-NN evaluation', __doc__, DEMO_DEFAULTS)
     cli.add_common_args(parser)
+    cli.hide_from_help(parser, cli.TRAINING_FLAGS)
     parser.set_defaults(batch_size=128, output_dir='./output_dir', eval=True)  # evaluation only: no stop handler
     g = parser.add_argument_group('k-NN')
     g.add_argument('--checkpoint', default='', help='the encoder: any checkpoint --finetune reads')

@@ -45,3 +45,12 @@ def test_bad_input_is_one_line(milan_checkpoint, tiny_data, tmp_path):
         run(knn_argv(tiny_data, tmp_path, tmp_path / 'missing.pth'))
     with pytest.raises(UserError, match='does not fit this model'):
         run(knn_argv(tiny_data, tmp_path, milan_checkpoint, '--model', 'vit_small_patch16'))
+
+
+def test_help_shows_only_the_flags_an_evaluation_reads():
+    """The shared training flags stay accepted (a script may pass its recipe to every entry point) but out of
+    --help, which would otherwise suggest that --epochs or --blr change a k-NN evaluation."""
+    text = main_knn.get_args_parser().format_help()
+    assert '--k K' in text and '--batch_size' in text and '--epochs' not in text and '--blr' not in text
+    args = parse_args(main_knn.get_args_parser(), main_knn.DEMO_DEFAULTS, ['--epochs', '3', '--checkpoint', 'x'])
+    assert args.epochs == 3

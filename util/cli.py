@@ -136,6 +136,19 @@ def add_common_args(parser):
     return parser
 
 
+# The shared flags that only training reads: an evaluation-only entry point (main_knn.py) hides them from --help.
+TRAINING_FLAGS = ('epochs', 'accum_iter', 'weight_decay', 'lr', 'blr', 'min_lr', 'warmup_epochs', 'clip_grad',
+                  'save_every', 'save_every_min', 'keep_last', 'max_bad_frac', 'print_freq', 'resume', 'start_epoch',
+                  'log_dir')
+
+
+def hide_from_help(parser, flags):
+    """Leave `flags` accepted (scripts pass them to every entry point) but out of --help."""
+    for action in parser._actions:
+        if action.dest in flags:
+            action.help = argparse.SUPPRESS
+
+
 def _cuda():
     import torch
     return torch.cuda.is_available()
