@@ -59,10 +59,14 @@ def _norm(params):
 
 
 def weights_unstable(norm: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
-    """Whether weights of norm `norm` (all trained parameters together) are unfit to checkpoint: non-finite, or
-    more than WEIGHT_GROWTH_LIMIT times their norm at the previous check. A non-finite gradient ends up here as
-    well (it makes the weights non-finite, or fp16's scaler skips the step), and so does an exploding one
-    when it moves the weights. A device tensor: no host sync of its own."""
+    """Whether weights of norm `norm` (all the model's parameters together, frozen ones too: a linear probe's
+    small fresh head legitimately grows fast relative to itself) are unfit to checkpoint: non-finite, or more
+    than WEIGHT_GROWTH_LIMIT times their norm at the previous check. A non-finite gradient ends up here as well
+    (it makes the weights non-finite, or fp16's scaler skips the step), and so does an exploding one when it
+    moves the weights. A device tensor: no host sync of its own.
+
+    The next check compares with the weights this one refused: if they trained on for a whole window with
+    finite losses and no further jump, they are the run's weights now and are saved again."""
     return ~torch.isfinite(norm) | (norm > WEIGHT_GROWTH_LIMIT * previous)
 
 
@@ -98,12 +102,14 @@ def train_epoch(model: torch.nn.Module, loader, batch_loss: Callable[[Any], torc
     steps_per_epoch = num_iters // accum
     images_per_iter = args.batch_size * world_size()
     optimizer.zero_grad(set_to_none=True)
-    carried = EpochProgress(**progress) if progress and start_iter else EpochProgress()
+    fields = {f.name for f in dataclasses.fields(EpochProgress)}  # a checkpoint of another version: what it has
+    carried = EpochProgress(**{k: v for k, v in (progress or {}).items() if k in fields}) if start_iter else \
+        EpochProgress()
     loss_sum = torch.tensor(carried.loss_sum, device=device)
     window_sum = torch.zeros((), device=device)
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-    trained = [p for p in model.parameters() if p.requires_grad]
-    weight_norm = _norm(trained)  # at the previous check
+    weights = list(model.parameters())
+    weight_norm = _norm(weights)  # at the previous check
     unstable = torch.zeros((), dtype=torch.bool, device=device)
     window_iters, lr, stopped, it = 0, optimizer.param_groups[0]['lr'], False, start_iter - 1
     epoch_start = window_start = last_save = ready = time.time()
@@ -155,7 +161,7 @@ def train_epoch(model: torch.nn.Module, loader, batch_loss: Callable[[Any], torc
             # the main process's clock decides when a periodic save is due, so all processes save together
             save_due = save is not None and is_main() and time.time() - last_save > 60 * args.save_every_min
             requests = torch.tensor([STOP.requested, save_due], device=device)
-            norm = _norm(trained)
+            norm = _norm(weights)
             unstable, weight_norm, growth = weights_unstable(norm, weight_norm), norm, norm / weight_norm
             bad_loss, unstable, stopped, save_due = all_reduce_any(torch.cat([nonfinite[None], unstable[None],
                                                                               requests]))
@@ -216,13 +222,18 @@ def train_epoch(model: torch.nn.Module, loader, batch_loss: Callable[[Any], torc
                       data_wait=epoch_wait / elapsed, weights_ok=not bool(unstable))
 
 
-def save_epoch(stats: EpochStats, save: Callable[[int], None], epoch: int) -> None:
-    """The epoch's checkpoint, unless the epoch's last check found the weights unfit to save (then a line)."""
+def save_epoch(stats: EpochStats, save: Callable[[int], None], epoch: int, last: bool) -> bool:
+    """The epoch's checkpoint, unless the epoch's last check found the weights unfit to save (then a line, or for
+    the run's last epoch an error: a run must not end 'finished' on weights it refused). Whether it saved."""
     if stats.weights_ok:
         save(epoch)
-    else:
-        log(f'not saving epoch {epoch}: its last check found the weights exploding; the last checkpoint stays the '
-            f'one to resume from')
+        return True
+    if last:
+        raise UserError(f'the weights exploded in the final epoch {epoch} (see above) and were not saved; the last '
+                        f'checkpoint in --output_dir is the one to resume from, with a lower --blr')
+    log(f'not saving epoch {epoch}: its last check found the weights exploding; the last checkpoint stays the '
+        f'one to resume from')
+    return False
 
 
 def iterations_per_epoch(loader, accum_iter: int) -> int:

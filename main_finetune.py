@@ -2,7 +2,7 @@
 mixup/cutmix, label smoothing, drop path). Without --data_path it fine-tunes on the generated demo data."""
 if __name__ == '__main__':  # first of all: a stop signal during the imports below then ends the run with a line
     from util.preemption import STOP
-    STOP.install()
+    STOP.install(early=True)
 
 from timm.data import Mixup
 from timm.layers import trunc_normal_

@@ -2,7 +2,7 @@
 trained with LARS. Without --data_path it probes the demo pretraining checkpoint on the generated data."""
 if __name__ == '__main__':  # first of all: a stop signal during the imports below then ends the run with a line
     from util.preemption import STOP
-    STOP.install()
+    STOP.install(early=True)
 
 import torch
 from timm.layers import trunc_normal_

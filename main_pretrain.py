@@ -2,7 +2,7 @@
 masked view of the image. Without --data_path it runs a small CPU demo on generated images."""
 if __name__ == '__main__':  # first of all: a stop signal during the imports below then ends the run with a line
     from util.preemption import STOP
-    STOP.install()
+    STOP.install(early=True)
 
 import functools
 import os
@@ -225,9 +225,9 @@ def main(args):
                                      teacher_input_norm=args.teacher_input_norm, attn_mask=args.attn_mask,
                                      zoom=visualize.readable_zoom(args.input_size)).grids
             logger.writer.add_images('panels', grids, epoch, dataformats='NHWC')
-        engine.save_epoch(stats, save, epoch)
+        saved = engine.save_epoch(stats, save, epoch, last)
         # a signal during the epoch's last steps or its panels: the epoch's checkpoint is the place to stop
-        completed = last or not engine.stop_requested(f'after epoch {epoch}, checkpoint saved')
+        completed = last or not engine.stop_requested(f'after epoch {epoch}' + (', checkpoint saved' if saved else ''))
         epoch, start_iter, progress = epoch + 1, 0, None
     logger.close()
     engine.log_run_end(start_time, completed)

@@ -317,8 +317,8 @@ def get_args_parser():
     parser.add_argument('--seed', type=int, default=0,
                         help='seed of the masks (each batch of images uses seed + its first image\'s index)')
     parser.add_argument('--zoom', type=int, default=1,
-                        help=f'panels are at least {READABLE} px, so that labels fit; beyond that, enlarge each panel '
-                             f'this many times')
+                        help=f'enlarge each panel this many times; panels are at least {READABLE} px whatever the '
+                             f'zoom, so that labels fit')
     parser.add_argument('--batch_size', type=int, default=16, help='images per forward pass')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cuda or cpu')
     return parser

@@ -1,12 +1,14 @@
 """engine.py: one training epoch's accumulation windows, its statistics and what it says about its input."""
 import argparse
+import dataclasses
 import time
 
 import pytest
 import torch
 
 from util.logger import RunLogger
-from engine import WEIGHT_GROWTH_LIMIT, train_epoch, weights_unstable
+from engine import WEIGHT_GROWTH_LIMIT, EpochStats, save_epoch, train_epoch, weights_unstable
+from util.errors import UserError
 
 
 class CountingLoader:
@@ -128,3 +130,13 @@ def test_a_resumed_epoch_carries_the_interrupted_part_of_its_statistics():
     assert [it for it, _ in saved] == [4, 5]
     assert saved[0][1]['loss_sum'] == pytest.approx(5.0) and saved[0][1]['iters'] == 4
     assert saved[0][1]['seconds'] > 1.0 and saved[0][1]['data_wait_seconds'] >= 0.5
+
+
+def test_an_epoch_whose_weights_exploded_is_not_saved_and_a_final_one_is_an_error(capsys):
+    saved = []
+    bad = EpochStats(loss=1.0, lr=0.1, images_per_sec=1.0, iters_done=4, stopped=False, weights_ok=False)
+    assert not save_epoch(bad, saved.append, 3, last=False) and saved == []
+    assert 'not saving epoch 3' in capsys.readouterr().out
+    with pytest.raises(UserError, match='the weights exploded in the final epoch 3'):
+        save_epoch(bad, saved.append, 3, last=True)
+    assert save_epoch(dataclasses.replace(bad, weights_ok=True), saved.append, 3, last=True) and saved == [3]

@@ -9,15 +9,18 @@ from util.preemption import STOP
 
 
 def test_stop_handlers_are_per_run(tmp_path):
-    """A training run takes the stop signals and gives them back; installing again (the run after the entry
-    point's early install) keeps a request, a new run forgets it; an evaluation-only run leaves Ctrl-C alone
-    (it never checks for a stop)."""
+    """A training run takes the stop signals and gives them back; the run's install after the entry point's early
+    one keeps a request that came in between, a later run forgets it (given back or not: main() called twice
+    in a notebook); an evaluation-only run leaves Ctrl-C alone (it never checks for a stop)."""
     before = signal.getsignal(signal.SIGINT)
-    STOP.install()
+    STOP.install(early=True)
     STOP._handle(signal.SIGTERM, None)
     assert STOP.requested
     STOP.install()
     assert STOP.requested and signal.getsignal(signal.SIGTERM) == STOP._handle
+    STOP.install()  # the next run in this process, the handlers never given back
+    assert not STOP.requested
+    STOP._handle(signal.SIGTERM, None)
     STOP.uninstall()
     assert STOP.signal == signal.SIGTERM  # still readable after the run (util.cli.run's exit status)
     STOP.install()
@@ -30,6 +33,6 @@ def test_stop_handlers_are_per_run(tmp_path):
                           ['--eval', '--resume', __file__, '--output_dir', str(tmp_path)])
     runtime.start(args)
     assert signal.getsignal(signal.SIGINT) == before
-    STOP.install()  # the entry point's early install: an evaluation gives the signals back
+    STOP.install(early=True)  # the entry point's: an evaluation gives the signals back
     runtime.start(args)
     assert signal.getsignal(signal.SIGINT) == before and signal.getsignal(signal.SIGTERM) != STOP._handle

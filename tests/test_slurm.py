@@ -103,3 +103,11 @@ def test_srun_without_a_launcher_reads_slurm_variables(monkeypatch, tmp_path):
     distributed._from_slurm(args)
     assert (args.rank, args.world_size, args.local_rank) == (3, 16, 3)
     assert os.environ['MASTER_ADDR'] == 'gpu-node-07' and os.environ['MASTER_PORT'] == str(20000 + 123456 % 20000)
+
+
+def test_the_submit_script_ends_cleanly_after_submitting(submitit, tiny_data, tmp_path):
+    """The submit scripts hand util.cli.run a function that returns submitit's job, not a run's result dict."""
+    argv = pretrain_argv(tiny_data, tmp_path / 'out', '--cluster', 'debug', '--ngpus', '1')
+    result = subprocess.run([sys.executable, os.path.join(ROOT, 'submitit_pretrain.py'), *argv], cwd=ROOT,
+                            env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and 'submitted job' in result.stdout, result.stdout + result.stderr

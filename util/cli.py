@@ -77,7 +77,7 @@ def run(main, args, exit_when_stopped=True):
         sys.exit(1)
     finally:
         STOP.uninstall()
-    if not (result or {}).get('completed', True):
+    if isinstance(result, dict) and not result.get('completed', True):  # (submit scripts return a job)
         if STOP.signal == signal.SIGINT:
             sys.exit(130)
         if exit_when_stopped:

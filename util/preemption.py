@@ -27,6 +27,7 @@ class StopRequest:
     def __init__(self):
         self.signal = None
         self._previous = None
+        self._early = False  # installed by the entry point, before the run's own install
 
     @property
     def requested(self):
@@ -36,14 +37,17 @@ class StopRequest:
     def installed(self):
         return self._previous is not None
 
-    def install(self):
-        """Handle the stop signals from now on, forgetting a request of an earlier run. Installing again (the
-        training run after the entry point's early install) keeps a request that already arrived."""
+    def install(self, early=False):
+        """Handle the stop signals from now on, forgetting a request of an earlier run in this process. The run's
+        install after the entry point's `early` one keeps a request that arrived in between (during imports)."""
         if self._previous is None:
-            self.signal = None
             self._previous = {sig: signal.getsignal(sig) for sig in SIGNALS}
             for sig in SIGNALS:
                 signal.signal(sig, self._handle)
+            self.signal = None
+        elif not self._early:  # an earlier run called without util.cli.run left them installed
+            self.signal = None
+        self._early = early
         return self
 
     def uninstall(self):
