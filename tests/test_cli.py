@@ -35,7 +35,7 @@ def test_every_flag_has_help_and_help_shows_defaults(name):
     assert not undocumented, undocumented
     text = ' '.join(parser.format_help().split())
     shown = {'main_pretrain': 'hidden from the encoder (default: 0.75)', 'main_finetune': 'lr decay (default: 0.65)',
-             'main_linprobe': 'initialisation (default: 0)', 'visualize': 'this many times (default: 1)'}
+             'main_linprobe': 'initialisation (default: 0)', 'visualize': 'so that labels fit (default: 1)'}
     assert shown.get(name, '') in text
 
 
