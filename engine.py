@@ -110,10 +110,14 @@ def train_epoch(model: torch.nn.Module, loader, batch_loss: Callable[[Any], torc
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     weights = list(model.parameters())
     weight_norm = _norm(weights)  # at the previous check
-    unstable = torch.zeros((), dtype=torch.bool, device=device)
+    unstable = False  # what the last check found (see weights_unstable)
     window_iters, lr, stopped, it = 0, optimizer.param_groups[0]['lr'], False, start_iter - 1
     epoch_start = window_start = last_save = ready = time.time()
     window_wait = epoch_wait = 0.0
+
+    def so_far():  # the epoch's sums up to iteration `it`, the part before a restart included (a collective)
+        return EpochProgress(all_reduce_mean(loss_sum).item(), carried.iters + it + 1 - start_iter,
+                             carried.seconds + time.time() - epoch_start, carried.data_wait_seconds + epoch_wait)
     gaps = []  # CUDA: (this step's work done, next batch handed over) event pairs of the window
     cuda = device.type == 'cuda'
     if cuda:
@@ -162,8 +166,8 @@ def train_epoch(model: torch.nn.Module, loader, batch_loss: Callable[[Any], torc
             save_due = save is not None and is_main() and time.time() - last_save > 60 * args.save_every_min
             requests = torch.tensor([STOP.requested, save_due], device=device)
             norm = _norm(weights)
-            unstable, weight_norm, growth = weights_unstable(norm, weight_norm), norm, norm / weight_norm
-            bad_loss, unstable, stopped, save_due = all_reduce_any(torch.cat([nonfinite[None], unstable[None],
+            exploding, growth, weight_norm = weights_unstable(norm, weight_norm), norm / weight_norm, norm
+            bad_loss, unstable, stopped, save_due = all_reduce_any(torch.cat([nonfinite[None], exploding[None],
                                                                               requests]))
             if bad_loss:
                 raise UserError(f'the loss became NaN or infinite in epoch {epoch}, iteration {it}; nothing '
@@ -188,14 +192,13 @@ def train_epoch(model: torch.nn.Module, loader, batch_loss: Callable[[Any], torc
                 f', eta epoch {_hms(left * per_iter)} run {_hms(run_left * per_iter)}')
             # a stop on the epoch's last iteration lets the loop end the epoch properly (evaluation, its save)
             stopped = stopped and it + 1 < num_iters
-            if save is not None and (stopped or (save_due and it + 1 < num_iters)) and unstable:
+            wants_save = save is not None and (stopped or (save_due and it + 1 < num_iters))
+            if wants_save and unstable:
                 log(f'not saving in epoch {epoch} after iteration {it + 1}: the weights\' norm grew '
                     f'{growth.item():.3g}x since the last check (to {norm.item():.3g}); training looks unstable, '
                     f'the last checkpoint stays the one to resume from')
-            elif save is not None and (stopped or (save_due and it + 1 < num_iters)):
-                save(epoch, it + 1, dataclasses.asdict(EpochProgress(
-                    all_reduce_mean(loss_sum).item(), carried.iters + it + 1 - start_iter,
-                    carried.seconds + time.time() - epoch_start, carried.data_wait_seconds + epoch_wait)))
+            elif wants_save:
+                save(epoch, it + 1, dataclasses.asdict(so_far()))
                 last_save = time.time()
             if stopped:
                 saved = save is not None and not unstable
@@ -210,16 +213,15 @@ def train_epoch(model: torch.nn.Module, loader, batch_loss: Callable[[Any], torc
         else:
             ready = time.time()
 
-    done = carried.iters + it + 1 - start_iter
-    elapsed = carried.seconds + time.time() - epoch_start
-    epoch_wait += carried.data_wait_seconds
-    if epoch_wait > DATA_WAIT_WARNING * elapsed and not stopped:
-        log(f'the input held training back in epoch {epoch}: {100 * epoch_wait / elapsed:.0f}% of the time went to '
+    total = so_far()
+    elapsed, waited = total.seconds, total.data_wait_seconds
+    if waited > DATA_WAIT_WARNING * elapsed and not stopped:
+        log(f'the input held training back in epoch {epoch}: {100 * waited / elapsed:.0f}% of the time went to '
             f'waiting for the next batch; more --num_workers (now {args.num_workers}), --gpu_decode '
             f'(pretraining) or tar shards (tools/make_shards.py) feed it faster')
-    return EpochStats(loss=all_reduce_mean(loss_sum).item() / max(done, 1), lr=lr,
-                      images_per_sec=done * images_per_iter / elapsed, iters_done=it + 1, stopped=stopped,
-                      data_wait=epoch_wait / elapsed, weights_ok=not bool(unstable))
+    return EpochStats(loss=total.loss_sum / max(total.iters, 1), lr=lr,
+                      images_per_sec=total.iters * images_per_iter / elapsed, iters_done=it + 1, stopped=stopped,
+                      data_wait=waited / elapsed, weights_ok=not unstable)
 
 
 def save_epoch(stats: EpochStats, save: Callable[[int], None], epoch: int, last: bool) -> bool:
