@@ -238,6 +238,14 @@ def save_epoch(stats: EpochStats, save: Callable[[int], None], epoch: int, last:
     return False
 
 
+def end_epoch(stats: EpochStats, save: Callable[[int], None], epoch: int, last: bool) -> bool:
+    """Save the finished epoch (save_epoch), then whether the run goes on: False when a process was asked to stop
+    during the epoch's last steps or its evaluation (the epoch's checkpoint is then the place to stop). All
+    processes call it together."""
+    saved = save_epoch(stats, save, epoch, last)
+    return last or not stop_requested(f'after epoch {epoch}' + (', checkpoint saved' if saved else ''))
+
+
 def iterations_per_epoch(loader, accum_iter: int) -> int:
     """The iterations train_epoch runs per epoch (a trailing incomplete accumulation window dropped): epochs
     times this is the step axis of every TensorBoard scalar, training's and evaluation's alike."""

@@ -119,9 +119,7 @@ def run(args, kind, build_model, build_optimizer, train_transform, criterion, mi
         log(f'epoch {epoch}: val top-1 {stats["acc1"]:.2f}% top-5 {stats["acc5"]:.2f}% (best {best:.2f}%), '
             f'train loss {train_stats.loss:.4f}')
         final = epoch + 1 == args.epochs
-        saved = engine.save_epoch(train_stats, save, epoch, final)
-        # a signal during the epoch's last steps or its evaluation: the epoch's checkpoint is the place to stop
-        completed = final or not engine.stop_requested(f'after epoch {epoch}' + (', checkpoint saved' if saved else ''))
+        completed = engine.end_epoch(train_stats, save, epoch, final)
         epoch, start_iter, progress = epoch + 1, 0, None
     logger.close()
     engine.log_run_end(start_time, completed, f'; best top-1 {best:.2f}%')

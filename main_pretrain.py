@@ -33,7 +33,7 @@ TEACHER_FLAGS = ('clip_model', 'teacher_weights', 'teacher_input_size', 'average
 PIXEL_FLAGS = ('norm_pix_loss',)  # what defines the pixel target
 
 # The demo: a tiny ViT and a random tiny CLIP teacher on generated 64x64 images, ~20 s on 2 CPU cores.
-DEMO_DEFAULTS = dict(model='mae_vit_tiny_patch8', input_size=64, batch_size=32, epochs=10, warmup_epochs=2,
+DEMO_DEFAULTS = dict(model='mae_vit_tiny_patch8', input_size=64, batch_size=32, epochs=10, warmup_epochs=1,
                      blr=1e-2, num_workers=2, print_freq=4, save_every=5, clip_model='random',
                      use_clip=True, change_decoder=True, attn_mask=True, knn_every=2,
                      output_dir='./output_demo/pretrain')
@@ -225,9 +225,7 @@ def main(args):
                                      teacher_input_norm=args.teacher_input_norm, attn_mask=args.attn_mask,
                                      zoom=visualize.readable_zoom(args.input_size)).grids
             logger.writer.add_images('panels', grids, epoch, dataformats='NHWC')
-        saved = engine.save_epoch(stats, save, epoch, last)
-        # a signal during the epoch's last steps or its panels: the epoch's checkpoint is the place to stop
-        completed = last or not engine.stop_requested(f'after epoch {epoch}' + (', checkpoint saved' if saved else ''))
+        completed = engine.end_epoch(stats, save, epoch, last)
         epoch, start_iter, progress = epoch + 1, 0, None
     logger.close()
     engine.log_run_end(start_time, completed)

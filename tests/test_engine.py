@@ -1,14 +1,16 @@
 """engine.py: one training epoch's accumulation windows, its statistics and what it says about its input."""
 import argparse
 import dataclasses
+import signal
 import time
 
 import pytest
 import torch
 
 from util.logger import RunLogger
-from engine import WEIGHT_GROWTH_LIMIT, EpochStats, save_epoch, train_epoch, weights_unstable
+from engine import WEIGHT_GROWTH_LIMIT, EpochStats, end_epoch, save_epoch, train_epoch, weights_unstable
 from util.errors import UserError
+from util.preemption import STOP
 
 
 class CountingLoader:
@@ -140,3 +142,18 @@ def test_an_epoch_whose_weights_exploded_is_not_saved_and_a_final_one_is_an_erro
     with pytest.raises(UserError, match='the weights exploded in the final epoch 3'):
         save_epoch(bad, saved.append, 3, last=True)
     assert save_epoch(dataclasses.replace(bad, weights_ok=True), saved.append, 3, last=True) and saved == [3]
+
+
+def test_an_epoch_ends_saved_and_a_stop_request_ends_the_run_after_it_unless_it_was_the_last(capsys, monkeypatch):
+    """The epoch loops' tail (main_pretrain, main_classification): the checkpoint first, then a signal that came
+    during the epoch's last steps or its evaluation stops the run there; after the final epoch the run is done."""
+    good, saved = EpochStats(loss=1.0, lr=0.1, images_per_sec=1.0, iters_done=4, stopped=False), []
+    assert end_epoch(good, saved.append, 2, last=False) and saved == [2]
+    monkeypatch.setattr(STOP, 'signal', signal.SIGTERM)
+    assert STOP.requested
+    assert not end_epoch(good, saved.append, 3, last=False) and saved == [2, 3]
+    assert 'stopped after epoch 3, checkpoint saved' in capsys.readouterr().out
+    assert end_epoch(good, saved.append, 4, last=True) and saved == [2, 3, 4]
+    bad = dataclasses.replace(good, weights_ok=False)
+    assert not end_epoch(bad, saved.append, 5, last=False) and saved == [2, 3, 4]
+    assert 'stopped after epoch 5;' in capsys.readouterr().out

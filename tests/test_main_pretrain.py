@@ -277,11 +277,13 @@ def test_norm_pix_loss_with_the_clip_target_is_accepted_with_a_note(tiny_data, t
 
 
 def test_default_warmup_longer_than_the_run_is_clamped_with_a_warning(tmp_path, capsys):
-    args = parse_args(main_pretrain.get_args_parser(), main_pretrain.DEMO_DEFAULTS, ['--epochs', '1'])
-    assert args.warmup_epochs == 1  # the demo's default is 2
-    assert 'the default --warmup_epochs 2 exceeds --epochs 1' in capsys.readouterr().out
+    data = str(tmp_path)  # real data, so the flags' own default (40 epochs) applies rather than the demo's
+    args = parse_args(main_pretrain.get_args_parser(), main_pretrain.DEMO_DEFAULTS,
+                      ['--data_path', data, '--epochs', '3'])
+    assert args.warmup_epochs == 3
+    assert 'the default --warmup_epochs 40 exceeds --epochs 3' in capsys.readouterr().out
     given = parse_args(main_pretrain.get_args_parser(), main_pretrain.DEMO_DEFAULTS,
-                       ['--epochs', '1', '--warmup_epochs', '0'])
+                       ['--data_path', data, '--epochs', '3', '--warmup_epochs', '0'])
     assert given.warmup_epochs == 0
 
 
@@ -330,3 +332,16 @@ def test_too_many_corrupt_jpegs_is_one_line_naming_a_file(tiny_data, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith('error: 1 of 32 training images are unreadable'), lines
     assert str(bad[0]) in lines[0]
+
+
+def test_demo_knn_rises_from_its_first_to_its_last_evaluation(tmp_path):
+    """Issue 14: the README's demo as it ships (10 epochs, the k-NN monitor every 2nd), about 30 s on 2 cores.
+    Its classes differ by shape or texture only, so the first evaluation is far from 100% and pretraining lifts
+    it. Measured top-1 % at epochs 1, 3, 5, 7, 9 (the same on torch 2.11 and 2.14): seed 0 (this test) 49.2 51.6
+    62.5 65.6 63.3, seed 1 45.3 57.0 57.0 59.4 61.7; an untrained encoder gives 51-55% and the random teacher's
+    own class token 68%, about the ceiling."""
+    out = tmp_path / 'demo'
+    run(['--output_dir', str(out), '--device', 'cpu'])
+    knn = [s['knn_acc1'] for s in map(json.loads, open(out / 'log.txt')) if 'knn_acc1' in s]
+    assert len(knn) == 5, knn
+    assert knn[0] < 75 and knn[-1] > knn[0] + 5 and knn[-1] > 45, knn  # chance is 25%

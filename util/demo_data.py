@@ -1,56 +1,100 @@
 """A small labelled image-folder dataset of real JPEG files, generated once and cached, so every entry
-point runs end to end with no dataset on disk. Four classes of simple shapes, each drawn in its own band
-of hues on a grey background, at random positions and sizes: easy enough that a few CPU epochs of
-fine-tuning or linear probing clearly beat chance."""
-import colorsys
+point runs end to end with no dataset on disk.
+
+Four classes told apart by shape or texture only: a disc, a square (one object each, at a random place and
+size) and horizontal or vertical stripes filling the image. Every image draws its own two grey levels, either
+one the brighter, so brightness and polarity, which dominate a random encoder's features, say nothing about the
+class: a random encoder's k-NN starts well below 100% and pretraining raises it (the demo's k-NN monitor),
+while fine-tuning and linear probing still clearly beat chance in a few CPU epochs. (Random hues as well would
+be harder still, but then the demo's random CLIP teacher's features are mostly hue and its k-NN stays at
+chance.)"""
+import fcntl
+import glob
 import os
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from util.config import demo_data_root
 
 CLASSES = ('disc', 'square', 'hstripes', 'vstripes')
 TRAIN_PER_CLASS = 64
-VAL_PER_CLASS = 16
+VAL_PER_CLASS = 32  # 128 validation images: the k-NN monitor's accuracy moves in steps of 0.78%, not 1.56%
 DONE = 'COMPLETE'
+# The marker's first line: a cache written by another version of this file (or with other counts) is redrawn.
+VERSION = 'util/demo_data.py v2: grey shapes and stripes'
+
+MIN_CONTRAST = 0.2  # the two grey levels differ by at least this (of 1); lower makes the k-NN start lower
+
+
+def _grey_pair(rng):
+    """(background, foreground) grey levels in [0.1, 0.9], at least MIN_CONTRAST apart, in random order."""
+    while True:
+        bg, fg = rng.uniform(0.1, 0.9, 2)
+        if abs(bg - fg) >= MIN_CONTRAST:
+            return bg, fg
+
+
+def _mask(kind, rng, w, h):
+    """[h, w] bool: where the foreground grey goes."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    if kind in ('hstripes', 'vstripes'):
+        period = rng.uniform(6, 14)
+        t = yy if kind == 'hstripes' else xx
+        return (t + rng.uniform(0, period)) % period < period / 2
+    size = rng.uniform(1 / 3, 3 / 4) * min(w, h)
+    cx, cy = rng.uniform(size / 2, w - size / 2), rng.uniform(size / 2, h - size / 2)
+    if kind == 'disc':
+        return np.hypot(xx - cx, yy - cy) < size / 2
+    return (np.abs(xx - cx) < size / 2) & (np.abs(yy - cy) < size / 2)
 
 
 def _draw(label, rng):
-    kind = CLASSES[label]
     w, h = int(rng.integers(72, 113)), int(rng.integers(72, 113))
-    bg = (int(rng.integers(60, 200)),) * 3
-    hue = (label + rng.uniform(-0.3, 0.3)) / len(CLASSES)
-    fg = tuple(int(255 * c) for c in colorsys.hsv_to_rgb(hue % 1.0, rng.uniform(0.6, 1.0), rng.uniform(0.6, 1.0)))
-    img = Image.new('RGB', (w, h), bg)
-    draw = ImageDraw.Draw(img)
-    size = int(rng.integers(min(w, h) // 3, min(w, h) * 3 // 4))
-    x0, y0 = int(rng.integers(0, w - size)), int(rng.integers(0, h - size))
-    if kind == 'disc':
-        draw.ellipse([x0, y0, x0 + size, y0 + size], fill=fg)
-    elif kind == 'square':
-        draw.rectangle([x0, y0, x0 + size, y0 + size], fill=fg)
-    else:
-        period = int(rng.integers(6, 14))
-        for k in range(0, max(w, h), period):
-            box = [0, k, w, k + period // 2] if kind == 'hstripes' else [k, 0, k + period // 2, h]
-            draw.rectangle(box, fill=fg)
-    noise = rng.normal(0, 8, (h, w, 3))
-    return Image.fromarray(np.clip(np.asarray(img, dtype=np.float32) + noise, 0, 255).astype(np.uint8))
+    bg, fg = _grey_pair(rng)
+    img = np.where(_mask(CLASSES[label], rng, w, h)[..., None], fg, bg) * 255 + rng.normal(0, 8, (h, w, 3))
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+def _stamp(seed, train_per_class, val_per_class):
+    return f'{VERSION}\nseed {seed}, {train_per_class} train and {val_per_class} val images per class\n'
+
+
+def _complete(marker, stamp):
+    try:
+        with open(marker) as f:
+            return f.read() == stamp
+    except FileNotFoundError:
+        return False
 
 
 def ensure_demo_dataset(root=None, seed=0, train_per_class=TRAIN_PER_CLASS, val_per_class=VAL_PER_CLASS):
-    """Create root/{train,val}/<class>/*.JPEG unless a complete copy is already there; returns root."""
+    """Create root/{train,val}/<class>/*.JPEG unless a complete copy of this version is already there; returns
+    root. An older or other copy is replaced (its generated files removed first, so none is left over).
+
+    Every process of a torchrun job calls this: an exclusive lock on root + '.lock' lets one of them draw while the
+    others wait, so none reads a half-written cache or deletes files another is reading (ranks on several nodes
+    sharing a network cache included, where flock reaches them)."""
     root = root or demo_data_root()
-    if os.path.isfile(os.path.join(root, DONE)):
+    marker, stamp = os.path.join(root, DONE), _stamp(seed, train_per_class, val_per_class)
+    if _complete(marker, stamp):
         return root
-    rng = np.random.default_rng(seed)
-    for split, count in (('train', train_per_class), ('val', val_per_class)):
-        for label, kind in enumerate(CLASSES):
-            folder = os.path.join(root, split, kind)
-            os.makedirs(folder, exist_ok=True)
-            for i in range(count):
-                _draw(label, rng).save(os.path.join(folder, f'{kind}_{i:04d}.JPEG'), quality=90)
-    with open(os.path.join(root, DONE), 'w') as f:
-        f.write('generated by util/demo_data.py\n')
+    os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)
+    with open(os.path.abspath(root) + '.lock', 'a') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if _complete(marker, stamp):  # drawn by another process while this one waited
+            return root
+        if os.path.isfile(marker):
+            os.remove(marker)
+        rng = np.random.default_rng(seed)
+        for split, count in (('train', train_per_class), ('val', val_per_class)):
+            for label, kind in enumerate(CLASSES):
+                folder = os.path.join(root, split, kind)
+                os.makedirs(folder, exist_ok=True)
+                for stale in glob.glob(os.path.join(folder, f'{kind}_[0-9][0-9][0-9][0-9].JPEG')):
+                    os.remove(stale)
+                for i in range(count):
+                    _draw(label, rng).save(os.path.join(folder, f'{kind}_{i:04d}.JPEG'), quality=90)
+        with open(marker, 'w') as f:
+            f.write(stamp)
     return root
