@@ -195,6 +195,7 @@ def test_import_of_mmpretrain_milan_gives_the_same_model(tmp_path, capsys):
     args = ckpt['args']
     assert ckpt['epoch'] == 399
     assert (args['use_clip'], args['change_decoder'], args['attn_mask'], args['input_size']) == (True, True, True, 32)
+    assert args['clip_model'] == str(path) and not args['norm_pix_loss']  # the teacher it carries
     model = models_milan.create_from_flags(args, 64).eval()
     model.load_state_dict(ckpt['model'])  # strict
     for key, value in source.state_dict().items():
@@ -234,3 +235,15 @@ def test_command_line(pretrained, tmp_path, monkeypatch, capsys):
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and lines == [f'error: {pretrained} is already a pretrain checkpoint of this '
                                                 f'repository'], result.stderr
+
+
+def test_import_of_mmpretrain_mae_trains_on_normalised_pixels(tmp_path, capsys):
+    """MMPretrain's MAE file keeps no args; its configs train on normalised pixels (MAEPretrainHead(norm_pix=True)),
+    so the import says so, and names no teacher (the file carries none)."""
+    path, out = tmp_path / 'mae_vit-base-p16_mmpretrain.pth', tmp_path / 'ours.pth'
+    write_mmpretrain_milan(path, perturbed_milan(prompting=False))
+    tool('import-mae', path, out)
+    args = load_checkpoint(str(out), 'pretrain')['args']
+    assert (args['use_clip'], args['change_decoder'], args['attn_mask'], args['norm_pix_loss']) == (False, False,
+                                                                                                   False, True)
+    assert 'clip_model' not in args

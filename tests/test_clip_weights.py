@@ -13,9 +13,11 @@ import torch
 
 from models_clip import build_random_teacher, load_clip_teacher
 from conftest import CLIP_GRID as GRID, CLIP_PATCH as PATCH
+from test_pretrained import fake_mmengine, mmengine_checkpoint
 from util import clip_weights
 from util.clip_weights import download_clip
 from util.errors import UserError
+from util.pretrained import read_checkpoint
 
 
 def test_url_table_matches_openai_clip(clip):
@@ -41,6 +43,23 @@ def test_ddp_prefixed_and_wrapped_state_dicts_load(clip_sd, tmp_path, wrap):
     torch.save(prefixed if wrap == 'module' else {'epoch': 3, 'state_dict': prefixed}, tmp_path / 'ddp.pth')
     torch.save(sd, tmp_path / 'plain.pth')
     got = load_clip_teacher(str(tmp_path / 'ddp.pth'), str(tmp_path)).state_dict()
+    want = load_clip_teacher(str(tmp_path / 'plain.pth'), str(tmp_path)).state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+
+
+def test_mmpretrain_milan_file_serves_as_its_own_teacher(clip_sd, tmp_path):
+    """MMPretrain's MILAN pretraining file keeps its CLIP (openai-clip's layout, text tower included) under
+    `target_generator.tokenizer.` beside the student, in an MMEngine file with a message hub: given as the teacher
+    file, it loads the very tower the plain CLIP file does, and nothing of the student."""
+    _, sd = clip_sd
+    student = {'backbone.patch_embed.projection.weight': torch.zeros(4, 3, 8, 8), 'neck.mask_token': torch.zeros(4)}
+    with fake_mmengine() as mmengine:
+        torch.save(mmengine_checkpoint({**student, **{f'target_generator.tokenizer.{k}': v for k, v in sd.items()}},
+                                       mmengine.MessageHub()), tmp_path / 'milan_mmpretrain.pth')
+    torch.save(sd, tmp_path / 'plain.pth')
+    assert clip_weights.carries_clip_teacher(read_checkpoint(str(tmp_path / 'milan_mmpretrain.pth'))['state_dict'])
+    assert not clip_weights.carries_clip_teacher(sd) and not clip_weights.carries_clip_teacher(student)
+    got = load_clip_teacher(str(tmp_path / 'milan_mmpretrain.pth'), str(tmp_path)).state_dict()
     want = load_clip_teacher(str(tmp_path / 'plain.pth'), str(tmp_path)).state_dict()
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
 

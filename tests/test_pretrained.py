@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import models_milan
 import models_vit
+from models_clip import build_random_teacher
 from util.errors import UserError
 from util.pretrained import Inert, checkpoint_epoch, load_pretrained, model_state, read_checkpoint
 
@@ -248,14 +249,26 @@ def mmengine_checkpoint(state_dict, hub, epoch=400):
             'param_schedulers': [{'by_epoch': True, 'last_step': 399, 'eta_min': 0.0}]}
 
 
+def mmpretrain_clip_generator(output_dim):
+    """What MMPretrain's CLIPGenerator holds as `target_generator.tokenizer.*`: a whole OpenAI-layout CLIP, here the
+    tiny random teacher that a `--clip_model random` run of the 32 px test model uses (8 px patches on a 4x4 grid,
+    seed 0) as its `visual.*` tower, beside a token embedding and text block standing for the text tower."""
+    visual = build_random_teacher(8, 4, output_dim=output_dim).state_dict()
+    tower = {f'visual.{k}': v.clone() for k, v in visual.items()}
+    tower.update({'token_embedding.weight': torch.full((10, 8), 0.5), 'ln_final.weight': torch.ones(8),
+                  'transformer.resblocks.0.attn.in_proj_weight': torch.full((24, 8), 0.25)})
+    return {f'target_generator.tokenizer.{k}': v for k, v in tower.items()}
+
+
 def write_mmpretrain_milan(path, model, epoch=400):
     """An MMPretrain MILAN (or MAE) pretraining checkpoint of `model`'s weights, as MMEngine writes it: the state
-    dict in MMPretrain's names plus its CLIP teacher (`target_generator.tokenizer.*`), a message hub of MMEngine
-    objects (their classes gone again when this returns). Returns the MMPretrain state dict."""
+    dict in MMPretrain's names plus, for MILAN (a CLIP target), its CLIP teacher (mmpretrain_clip_generator), a
+    message hub of MMEngine objects (their classes gone again when this returns). Returns the MMPretrain state
+    dict."""
     mm = {mmpretrain_milan_name(k): v.clone() for k, v in model.state_dict().items()}
     assert len(mm) == len(model.state_dict())
-    mm.update({'target_generator.tokenizer.visual.proj': torch.randn(16, 8),
-               'target_generator.tokenizer.transformer.resblocks.0.attn.in_proj_weight': torch.randn(24, 8)})
+    if model.target == 'clip':
+        mm.update(mmpretrain_clip_generator(model.decoder_pred.out_features))
     with fake_mmengine() as mmengine:
         torch.save(mmengine_checkpoint(mm, mmengine.MessageHub()), path)
     return mm
@@ -324,8 +337,10 @@ def test_mmpretrain_decoder_maps_to_ours_with_every_key_accounted_for(tmp_path, 
     for key, value in ours.items():
         assert torch.equal(state[key], value), key
     decoder = sum(k.startswith(('decoder_', 'mask_token')) for k in ours)
-    assert f'{len(ours)} tensors in our names ({decoder} of them the decoder, from neck.*); dropped ' \
-           f'2 target_generator.* (the frozen CLIP teacher)' in log
+    teacher = sum(k.startswith('target_generator.') for k in mm)
+    assert (teacher > 0) == prompting  # MILAN's file carries its teacher, MAE's has none
+    assert f'{len(ours)} tensors in our names ({decoder} of them the decoder, from neck.*)' in log
+    assert (f'dropped {teacher} target_generator.* (the frozen CLIP teacher)' in log) == prompting
     assert checkpoint_epoch(ckpt) == 399  # MMEngine's 400 finished epochs, counted from 0 as ours
 
     loaded = models_milan.create_model('mae_vit_tiny_patch8', img_size=32, target='clip' if prompting else 'pixel',

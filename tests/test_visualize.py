@@ -260,19 +260,24 @@ def test_title_names_the_checkpoint_and_its_epoch(checkpoint, loaded, tmp_path):
 
 def test_released_mmpretrain_file_draws_as_its_import(checkpoint, tiny_data, tmp_path, capsys):
     """MMPretrain's MILAN file of the same weights (MMEngine's wrapping, no args) is read directly, decoder and all,
-    as import-mae reads it: the same model and flags, the same picture under a title with MMEngine's epoch."""
+    as import-mae reads it: the same model and flags, the same picture under a title with MMEngine's epoch. Its
+    teacher is the CLIP it carries (here the run's own random one), so no --clip_model and no download."""
     ours = visualize.load_pretrain_checkpoint(checkpoint)[0]
     mm = tmp_path / 'milan_mmpretrain.pth'
     write_mmpretrain_milan(mm, ours)
     model, args, title = visualize.read_pretrain_checkpoint(str(mm))
     assert title == 'milan_mmpretrain.pth: epoch 399 done'
     assert (args['use_clip'], args['change_decoder'], args['attn_mask'], args['mask_ratio']) == (True, True, True, 0.75)
+    assert args['clip_model'] == str(mm)
     for key, value in ours.state_dict().items():
         assert torch.equal(model.state_dict()[key], value), key
     image = os.path.join(tiny_data, 'val', 'disc', 'disc_0001.JPEG')
-    for name, path in (('ours', checkpoint), ('mm', str(mm))):
-        run(['--checkpoint', path, '--clip_model', 'random', '--images', image, '--out_dir', str(tmp_path / name)])
-    assert 'milan_mmpretrain.pth: epoch 399 done' in capsys.readouterr().out
+    run(['--checkpoint', checkpoint, '--images', image, '--out_dir', str(tmp_path / 'ours')])
+    capsys.readouterr()
+    run(['--checkpoint', str(mm), '--images', image, '--out_dir', str(tmp_path / 'mm')])
+    printed = capsys.readouterr().out
+    assert 'milan_mmpretrain.pth: epoch 399 done' in printed and 'RANDOM' not in printed
+    assert not os.path.exists(os.path.join(os.environ['XDG_CACHE_HOME'], 'clip'))  # nothing downloaded
     drawn = [np.asarray(Image.open(tmp_path / name / 'disc_0001.png')) for name in ('ours', 'mm')]
     np.testing.assert_array_equal(drawn[0][18:], drawn[1][18:])
     assert not np.array_equal(drawn[0][:18], drawn[1][:18])  # the titles differ

@@ -27,6 +27,7 @@ import models_vit  # noqa: E402
 from util.checkpoint import save_atomic  # noqa: E402
 from util.config import plain  # noqa: E402
 from util.cli import add_common_args, make_parser, run  # noqa: E402
+from util.clip_weights import carries_clip_teacher  # noqa: E402
 from util.errors import UserError  # noqa: E402
 from util.pretrained import (checkpoint_epoch, is_mmpretrain, model_state, read_checkpoint,  # noqa: E402
                              strip_prefixes)
@@ -166,23 +167,28 @@ def export_timm(args):
 def released_pretraining(ckpt, path):
     """(our MilanViT with the weights, the flags to save with it) of a released MAE/MILAN pretraining file, in MAE's
     layout or MMPretrain's. The sizes are read off the tensors, the decoder type off its keys; what a file without
-    args doesn't say is guessed: the CLIP target when the head is not pixel-sized, and MILAN's semantic-aware
-    masking with the prompting decoder and that target (MMPretrain's MILAN files, which keep no args)."""
+    args doesn't say is guessed: the CLIP target when the head is not pixel-sized, MILAN's semantic-aware masking
+    with the prompting decoder and that target (MMPretrain's MILAN files, which keep no args), the CLIP teacher an
+    MMPretrain file carries (the file itself as --clip_model) and normalised pixels for MMPretrain's MAE."""
     state = model_state(ckpt, path)
     size, input_size = infer_size(state, path)
     if not any(k.startswith(DECODER) for k in state):
         raise UserError(f'{path} holds an encoder without decoder (a release for fine-tuning): '
                         f'pass it to main_finetune.py --finetune as it is')
     released = saved_args(ckpt)
+    raw = strip_prefixes(ckpt['state_dict']) if isinstance(ckpt.get('state_dict'), dict) else {}
+    mmpretrain = is_mmpretrain(raw)
     name = f'mae_{size}'
     patch = models_vit.MODELS[size]['patch_size']
     target_dim = state['decoder_pred.weight'].shape[0] if 'decoder_pred.weight' in state else 0
     # Without args a CLIP head of p*p*3 outputs can't be told from a pixel head: pixels (MAE) is assumed.
     use_clip = bool(released.get('use_clip', target_dim != patch * patch * 3))
     prompting = 'decoder_blocks.0.attn.q.weight' in state
+    # MMPretrain trains its pixel MAE on normalised patches (MAEPretrainHead(norm_pix=True) in its configs)
+    norm_pix = bool(released.get('norm_pix_loss', mmpretrain and not use_clip))
     model = models_milan.create_model(name, img_size=input_size, target='clip' if use_clip else 'pixel',
                                       target_dim=target_dim, prompting_decoder=prompting,
-                                      norm_pix_loss=bool(released.get('norm_pix_loss', False)))
+                                      norm_pix_loss=norm_pix)
     _compare(state, model.state_dict(), f'our {name} ({"CLIP" if use_clip else "pixel"} target, '
                                         f'{"prompting" if prompting else "MAE"} decoder)')
     model.load_state_dict(state)
@@ -190,6 +196,9 @@ def released_pretraining(ckpt, path):
     ours = set(models_milan.FLAG_DEFAULTS) | {a.dest for a in add_common_args(argparse.ArgumentParser())._actions}
     mapped = {k: v for k, v in released.items() if k in ours}  # the flags of theirs that we share
     mapped.setdefault('attn_mask', use_clip and prompting)
+    mapped.setdefault('norm_pix_loss', norm_pix)
+    if use_clip and 'clip_model' not in mapped and carries_clip_teacher(raw):
+        mapped['clip_model'] = os.path.abspath(path)  # MMPretrain's MILAN file: its own CLIP teacher, no download
     mapped.update(model=name, input_size=input_size, use_clip=use_clip, change_decoder=prompting,
                   imported_from=os.path.abspath(path))
     return model, mapped

@@ -13,7 +13,7 @@ import zipfile
 import torch
 
 from util.errors import UserError
-from util.pretrained import load_failure, strip_prefixes
+from util.pretrained import load_failure, load_weights_only, strip_prefixes
 
 
 # OpenAI's published CLIP ViT checkpoints, as in the openai-clip package (a test compares the two), so
@@ -86,40 +86,51 @@ def _is_torchscript(path):
         return any(n.endswith('constants.pkl') or '/code/' in n for n in z.namelist())
 
 
+CLIP_HINT = "pass OpenAI's CLIP .pt file or a CLIP state-dict file"
+# Where a CLIP model's own names (`visual.*`, the text tower beside it) start in the state dicts we read: at the top
+# (OpenAI's files, a CLIP state dict), or under MMPretrain's CLIPGenerator (`target_generator.tokenizer`, the teacher
+# that MMPretrain's MILAN pretraining files carry along with the student).
+CLIP_PREFIXES = ('', 'target_generator.tokenizer.')
+
+
+def carries_clip_teacher(state):
+    """Whether a (prefix-stripped) state dict holds a CLIP visual tower beside its own weights, as MMPretrain's
+    MILAN pretraining files do: the file itself then serves as its teacher (--clip_model FILE)."""
+    return any(prefix and prefix + 'visual.conv1.weight' in state for prefix in CLIP_PREFIXES)
+
+
 def _read_state_dict(path):
-    """The raw tensors of a TorchScript archive or a plain (optionally {'state_dict': ...}-wrapped) state dict."""
-    try:
-        if _is_torchscript(path):
+    """The raw tensors of a TorchScript archive or a plain (optionally {'state_dict': ...}-wrapped) state dict,
+    MMEngine's files included (util.pretrained.load_weights_only)."""
+    if _is_torchscript(path):
+        try:
             with warnings.catch_warnings():
                 warnings.simplefilter('ignore', FutureWarning)  # torch.jit.load is deprecated, still works
                 return torch.jit.load(path, map_location='cpu').state_dict()
-        obj = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        raise UserError(f'cannot read {path} as a PyTorch checkpoint ({load_failure(e, path)}); it may be truncated or '
-                        f'not a PyTorch file at all (e.g. an HTML page saved by a failed download): pass OpenAI\'s '
-                        f'CLIP .pt file or a CLIP state-dict file') from None
+        except Exception as e:
+            raise UserError(f'cannot read {path} as a TorchScript archive ({load_failure(e, path)}); it may be '
+                            f'truncated: {CLIP_HINT}') from None
+    obj = load_weights_only(path, CLIP_HINT)
     if isinstance(obj, dict) and isinstance(obj.get('state_dict'), dict):
         obj = obj['state_dict']
     if not isinstance(obj, dict):
-        raise UserError(f'{path} holds a {type(obj).__name__}, not a state dict; '
-                        f'pass OpenAI\'s CLIP .pt file or a CLIP state-dict file')
+        raise UserError(f'{path} holds a {type(obj).__name__}, not a state dict; {CLIP_HINT}')
     return obj
 
 
 def _visual_state_dict(raw, path):
-    """Strip `visual.` (dropping the text tower) or accept already-stripped keys, after any DDP/compile
-    prefixes; refuse anything else."""
+    """Strip `visual.` (dropping the text tower; found at any of CLIP_PREFIXES) or accept already-stripped keys,
+    after any DDP/compile prefixes; refuse anything else."""
     raw = strip_prefixes(raw)
-    if any(k.startswith('visual.') for k in raw):
-        sd = {k[len('visual.'):]: v for k, v in raw.items() if k.startswith('visual.')}
-    else:
-        sd = raw
+    prefix = next((p + 'visual.' for p in CLIP_PREFIXES if p + 'visual.conv1.weight' in raw),
+                  'visual.' if any(k.startswith('visual.') for k in raw) else '')
+    sd = {k[len(prefix):]: v for k, v in raw.items() if k.startswith(prefix)}
     if 'attnpool.positional_embedding' in sd:
         raise UserError(f'{path} is a ResNet CLIP; only ViT CLIP models are supported, pass e.g. ViT-B/16')
     required = ('conv1.weight', 'class_embedding', 'positional_embedding', 'proj')
     if not all(isinstance(sd.get(k), torch.Tensor) for k in required):
         raise UserError(f'{path} is not a CLIP ViT checkpoint (no visual.conv1.weight/visual.proj keys); '
-                        f'pass OpenAI\'s CLIP .pt file or a CLIP state-dict file')
+                        f'{CLIP_HINT}')
     return {k: v.float() for k, v in sd.items() if isinstance(v, torch.Tensor)}
 
 

@@ -55,25 +55,32 @@ def _refused_globals(path):
         return []
 
 
-def read_checkpoint(path):
-    """Any checkpoint dict, always through torch's weights-only loader: ours; a released MAE/MILAN file, whose
-    pickled argparse.Namespace is allowed; an MMEngine one (MMPretrain's), whose `message_hub` and NumPy objects
-    come back as Inert stand-ins. A global of any other package is refused before loading, so no pickled code
-    runs and a large file is read once."""
+WEIGHTS_HINT = "pass a file of weights: ours, a released MAE/MILAN one or an MMEngine one such as MMPretrain's"
+
+
+def load_weights_only(path, hint=WEIGHTS_HINT):
+    """What `path` holds, always through torch's weights-only loader: a pickled argparse.Namespace (released
+    MAE/MILAN files) is allowed, and the globals of INERT_PACKAGES (an MMEngine file's `message_hub`, NumPy
+    objects) come back as Inert stand-ins. A global of any other package is refused before loading, so no pickled
+    code runs and a large file is read once. Errors are one line ending in `hint`, what to pass instead."""
     if not os.path.isfile(path):
         raise UserError(f'checkpoint {path}: no such file')
     refused = _refused_globals(path)
     foreign = [name for name in refused if name.split('.')[0] not in INERT_PACKAGES]
     if foreign:
         raise UserError(f'cannot read {path} as a checkpoint (it holds objects the safe loader refuses: '
-                        f'{", ".join(foreign[:3])}); pass a file of weights: ours, a released MAE/MILAN one or '
-                        f'an MMEngine one such as MMPretrain\'s')
+                        f'{", ".join(foreign[:3])}); {hint}')
     try:
         with torch.serialization.safe_globals([argparse.Namespace, *_inert_stand_ins(refused)]):
-            ckpt = torch.load(path, map_location='cpu', weights_only=True)
+            return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
         raise UserError(f'cannot read {path} as a checkpoint ({load_failure(e, path)}); it may be truncated or not '
-                        f'a PyTorch file at all (e.g. an HTML page saved by a failed download)') from None
+                        f'a PyTorch file at all (e.g. an HTML page saved by a failed download): {hint}') from None
+
+
+def read_checkpoint(path):
+    """Any checkpoint dict (load_weights_only): ours, a released MAE/MILAN file, an MMEngine one (MMPretrain's)."""
+    ckpt = load_weights_only(path)
     if not isinstance(ckpt, dict):
         raise UserError(f'{path} holds a {type(ckpt).__name__}, not a checkpoint dict')
     return ckpt
