@@ -180,3 +180,12 @@ def test_sigterm_to_torchrun_saves_and_resumes_identically(tiny_data, tmp_path):
     assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
     assert [json.loads(line)['train_loss'] for line in (out / 'log.txt').read_text().splitlines()] == \
         pytest.approx([json.loads(line)['train_loss'] for line in (reference / 'log.txt').read_text().splitlines()])
+
+
+def test_start_up_waits_outlast_the_process_groups_timeout(tmp_path):
+    """A main process that downloads a teacher (main_first), or one indexing its shards (in_turn), for longer than
+    the process group's timeout (NCCL's 10 minutes; 2 s in tests/wait_probe.py) keeps the others waiting rather than
+    failing them: those waits use a gloo group of their own with util.distributed.START_UP_TIMEOUT."""
+    output = launch(tmp_path, ['torch.distributed.run'], os.path.join('tests', 'wait_probe.py'), [])
+    for r in range(NPROC):
+        assert f"rank {r}: waited past the group's 2 s timeout; all_reduce gives {NPROC}" in output

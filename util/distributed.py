@@ -1,6 +1,7 @@
 """Process-group setup for a plain process, torchrun (env://) and `torch.distributed.launch --use_env`,
 plus the few collectives the training loops need."""
 import contextlib
+import datetime
 import os
 import subprocess
 
@@ -36,8 +37,22 @@ def init_distributed(args):
         backend = 'nccl' if device.type == 'cuda' else 'gloo'
         dist.init_process_group(backend, init_method=args.dist_url, world_size=args.world_size, rank=args.rank,
                                 device_id=device if device.type == 'cuda' else None)
+        global _start_up
+        _start_up = dist.new_group(backend='gloo', timeout=START_UP_TIMEOUT)
         dist.barrier()
     return device
+
+
+# NCCL's collectives give up after 10 minutes (its default timeout). The waits of start-up, while the main process
+# downloads a teacher (OpenAI's ViT-L/14 is 890 MB) or one process indexes a thousand shards on network storage,
+# can take longer: main_first and in_turn wait on a gloo group of their own, made with every process at start-up,
+# with this timeout. Training's collectives keep the backend's.
+START_UP_TIMEOUT = datetime.timedelta(hours=2)
+_start_up = None
+
+
+def _wait_for_all():
+    dist.barrier(group=_start_up)
 
 
 def is_main():
@@ -80,12 +95,12 @@ def main_first():
     """The main process runs the block first, then the others: for work whose result the others then find
     cached (a shard index), instead of every process doing it at once."""
     if dist.is_initialized() and not is_main():
-        dist.barrier()
+        _wait_for_all()
     try:
         yield
     finally:  # on an error too: the others then meet it themselves, rather than wait forever
         if dist.is_initialized() and is_main():
-            dist.barrier()
+            _wait_for_all()
 
 
 @contextlib.contextmanager
@@ -96,7 +111,7 @@ def in_turn():
         yield
     finally:
         if dist.is_initialized():
-            dist.barrier()
+            _wait_for_all()
 
 
 def all_reduce_mean(tensor):
