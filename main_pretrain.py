@@ -32,7 +32,7 @@ RESUME_FLAGS = ('model', 'input_size', 'use_clip', 'change_decoder', 'mask_ratio
 TEACHER_FLAGS = ('clip_model', 'teacher_weights', 'teacher_input_size', 'average_targets', 'teacher_input_norm')
 PIXEL_FLAGS = ('norm_pix_loss',)  # what defines the pixel target
 
-# The demo: a tiny ViT and a random tiny CLIP teacher on generated 64x64 images, ~20 s on 2 CPU cores.
+# The demo: a tiny ViT and a random tiny CLIP teacher on generated 64x64 images, ~30 s on 2 CPU cores.
 DEMO_DEFAULTS = dict(model='mae_vit_tiny_patch8', input_size=64, batch_size=32, epochs=10, warmup_epochs=1,
                      blr=1e-2, num_workers=2, print_freq=4, save_every=5, clip_model='random',
                      use_clip=True, change_decoder=True, attn_mask=True, knn_every=2,

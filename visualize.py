@@ -30,7 +30,7 @@ from torchvision import transforms
 
 import models_milan
 from models_teacher import build_teacher
-from tools.checkpoint_tools import released_pretraining
+from tools.checkpoint_tools import released_mmpretrain, released_pretraining
 from util import cli, config
 from util.checkpoint import load_model_state
 from util.data import eval_geometry, load_rgb, to_device_normalized
@@ -69,8 +69,10 @@ def read_pretrain_checkpoint(path):
         model = models_milan.create_from_flags(args, state['decoder_pred.weight'].shape[0])
         load_model_state(model, state, path)
     elif kind is None:  # not written by this repository: a released file, or refused naming why
-        model, args = released_pretraining(ckpt, path)
-        args = {**models_milan.FLAG_DEFAULTS, **args}
+        model, released = released_pretraining(ckpt, path)
+        args = {**models_milan.FLAG_DEFAULTS, **released}
+        if args['use_clip'] and 'clip_model' not in released and released_mmpretrain(ckpt)[1]:
+            args['clip_model'] = path  # MMPretrain's MILAN file carries its CLIP teacher: no download
     else:
         raise UserError(f'{path} is not a pretraining checkpoint (kind {kind!r}); pass the pretraining checkpoint '
                         f'it started from (or a released MAE/MILAN pretraining file)')

@@ -20,6 +20,7 @@ from tools import checkpoint_tools
 from util.checkpoint import load_checkpoint
 from util.cli import parse_args
 from util.errors import UserError
+from util.pretrained import read_checkpoint
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=192, depth=4, num_heads=3)
 
@@ -195,7 +196,7 @@ def test_import_of_mmpretrain_milan_gives_the_same_model(tmp_path, capsys):
     args = ckpt['args']
     assert ckpt['epoch'] == 399
     assert (args['use_clip'], args['change_decoder'], args['attn_mask'], args['input_size']) == (True, True, True, 32)
-    assert args['clip_model'] == str(path) and not args['norm_pix_loss']  # the teacher it carries
+    assert 'clip_model' not in args and not args['norm_pix_loss']  # OUT.pth never points back at the file
     model = models_milan.create_from_flags(args, 64).eval()
     model.load_state_dict(ckpt['model'])  # strict
     for key, value in source.state_dict().items():
@@ -247,3 +248,14 @@ def test_import_of_mmpretrain_mae_trains_on_normalised_pixels(tmp_path, capsys):
     assert (args['use_clip'], args['change_decoder'], args['attn_mask'], args['norm_pix_loss']) == (False, False,
                                                                                                    False, True)
     assert 'clip_model' not in args
+
+
+def test_a_carried_teacher_means_the_clip_target_even_at_the_pixel_heads_width(tmp_path):
+    """A CLIP head as wide as a pixel head (8 x 8 x 3 = 192 here; a 768-d teacher at /16) can't be told from one by
+    its shape; a file that carries its CLIP teacher says which it is."""
+    source = models_milan.create_model('mae_vit_tiny_patch8', img_size=32, target='clip', target_dim=192,
+                                       prompting_decoder=True)
+    path = tmp_path / 'milan_mmpretrain.pth'
+    write_mmpretrain_milan(path, source)
+    model, mapped = checkpoint_tools.released_pretraining(read_checkpoint(str(path)), str(path))
+    assert model.target == 'clip' and mapped['use_clip'] and mapped['attn_mask'] and not mapped['norm_pix_loss']

@@ -1,6 +1,7 @@
 """util/demo_data.py: the generated demo dataset's layout, its cache and the redrawing of stale copies, and that
 its classes are not given away by brightness (a random encoder's k-NN stays far from 100%)."""
 import contextlib
+import errno
 import fcntl
 import io
 import os
@@ -18,6 +19,7 @@ import models_milan
 from conftest import ROOT
 from util import demo_data
 from util.demo_data import CLASSES, DONE, ensure_demo_dataset
+from util.errors import UserError
 
 
 def files(root):
@@ -104,3 +106,23 @@ def test_a_process_waits_for_the_one_drawing_and_then_uses_its_copy(tmp_path):
         (root / DONE).write_text(demo_data._stamp(0, 2, 1))  # what the drawing process writes last
     assert waiting.wait(timeout=60) == 0
     assert files(root) == [DONE]
+
+
+def test_a_file_system_without_locks_still_draws_and_a_failed_write_is_one_line(tmp_path, monkeypatch, capsys):
+    """NFS mounted without locking refuses flock (ENOLCK): the copy is drawn all the same, with a note. A cache
+    that can't be written (a full disk here) is one line naming the folder and the way out."""
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(demo_data.fcntl, 'flock', no_locks)
+    root = ensure_demo_dataset(str(tmp_path / 'nfs'), train_per_class=1, val_per_class=1)
+    assert 'does not lock files (No locks available); drawing without a lock' in capsys.readouterr().out
+    assert len(files(root)) == 2 * len(CLASSES) + 1
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(demo_data, '_draw', full)
+    with pytest.raises(UserError, match=r'cannot write the demo images under .*full \(No space left on device\); '
+                                        r'point XDG_CACHE_HOME at a writable folder, or pass --data_path'):
+        ensure_demo_dataset(str(tmp_path / 'full'), train_per_class=1, val_per_class=1)

@@ -182,10 +182,14 @@ def test_sigterm_to_torchrun_saves_and_resumes_identically(tiny_data, tmp_path):
         pytest.approx([json.loads(line)['train_loss'] for line in (reference / 'log.txt').read_text().splitlines()])
 
 
-def test_start_up_waits_outlast_the_process_groups_timeout(tmp_path):
+def test_start_up_waits_outlast_the_process_groups_timeout_and_end_at_their_own(tmp_path):
     """A main process that downloads a teacher (main_first), or one indexing its shards (in_turn), for longer than
     the process group's timeout (NCCL's 10 minutes; 2 s in tests/wait_probe.py) keeps the others waiting rather than
-    failing them: those waits use a gloo group of their own with util.distributed.START_UP_TIMEOUT."""
-    output = launch(tmp_path, ['torch.distributed.run'], os.path.join('tests', 'wait_probe.py'), [])
+    failing them: those waits meet in the rendezvous store, up to util.distributed.START_UP_TIMEOUT (2 hours; 10 s
+    here). Past that limit (3 s against a 5 s step) the run ends with a line saying where it waited."""
+    output = launch(tmp_path, ['torch.distributed.run'], os.path.join('tests', 'wait_probe.py'), ['10'])
     for r in range(NPROC):
         assert f"rank {r}: waited past the group's 2 s timeout; all_reduce gives {NPROC}" in output
+    output = launch(tmp_path, ['torch.distributed.run'], os.path.join('tests', 'wait_probe.py'), ['3'], returncode=1)
+    assert 'rank 1: error: the other processes did not finish start-up within 0:00:03 (this process waited at ' \
+           'start-up step 1' in output

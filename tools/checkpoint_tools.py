@@ -78,10 +78,17 @@ def parameter_counts(state):
     return encoder, sum(counted.values())
 
 
+def released_mmpretrain(ckpt):
+    """(whether a released file is in MMPretrain's layout, whether it carries its CLIP teacher as MMPretrain's MILAN
+    files do), from the state dict model_state reads."""
+    state = ckpt.get('model', ckpt.get('state_dict', ckpt))
+    state = strip_prefixes(state) if isinstance(state, dict) else {}
+    return is_mmpretrain(state), carries_clip_teacher(state)
+
+
 def released_layout(ckpt):
     """Whose layout a released file has, for the summary: MMPretrain's (an MMEngine file) or MAE's."""
-    state = ckpt.get('state_dict')
-    return 'MMPretrain' if isinstance(state, dict) and is_mmpretrain(strip_prefixes(state)) else 'MAE/MILAN'
+    return 'MMPretrain' if released_mmpretrain(ckpt)[0] else 'MAE/MILAN'
 
 
 def summary(args):
@@ -168,21 +175,20 @@ def released_pretraining(ckpt, path):
     """(our MilanViT with the weights, the flags to save with it) of a released MAE/MILAN pretraining file, in MAE's
     layout or MMPretrain's. The sizes are read off the tensors, the decoder type off its keys; what a file without
     args doesn't say is guessed: the CLIP target when the head is not pixel-sized, MILAN's semantic-aware masking
-    with the prompting decoder and that target (MMPretrain's MILAN files, which keep no args), the CLIP teacher an
-    MMPretrain file carries (the file itself as --clip_model) and normalised pixels for MMPretrain's MAE."""
+    with the prompting decoder and that target (MMPretrain's MILAN files, which keep no args; a file that carries its
+    CLIP teacher has the CLIP target) and normalised pixels for MMPretrain's MAE, as its configs train it."""
     state = model_state(ckpt, path)
     size, input_size = infer_size(state, path)
     if not any(k.startswith(DECODER) for k in state):
         raise UserError(f'{path} holds an encoder without decoder (a release for fine-tuning): '
                         f'pass it to main_finetune.py --finetune as it is')
     released = saved_args(ckpt)
-    raw = strip_prefixes(ckpt['state_dict']) if isinstance(ckpt.get('state_dict'), dict) else {}
-    mmpretrain = is_mmpretrain(raw)
+    mmpretrain, own_teacher = released_mmpretrain(ckpt)
     name = f'mae_{size}'
     patch = models_vit.MODELS[size]['patch_size']
     target_dim = state['decoder_pred.weight'].shape[0] if 'decoder_pred.weight' in state else 0
     # Without args a CLIP head of p*p*3 outputs can't be told from a pixel head: pixels (MAE) is assumed.
-    use_clip = bool(released.get('use_clip', target_dim != patch * patch * 3))
+    use_clip = bool(released.get('use_clip', target_dim != patch * patch * 3 or own_teacher))
     prompting = 'decoder_blocks.0.attn.q.weight' in state
     # MMPretrain trains its pixel MAE on normalised patches (MAEPretrainHead(norm_pix=True) in its configs)
     norm_pix = bool(released.get('norm_pix_loss', mmpretrain and not use_clip))
@@ -197,8 +203,6 @@ def released_pretraining(ckpt, path):
     mapped = {k: v for k, v in released.items() if k in ours}  # the flags of theirs that we share
     mapped.setdefault('attn_mask', use_clip and prompting)
     mapped.setdefault('norm_pix_loss', norm_pix)
-    if use_clip and 'clip_model' not in mapped and carries_clip_teacher(raw):
-        mapped['clip_model'] = os.path.abspath(path)  # MMPretrain's MILAN file: its own CLIP teacher, no download
     mapped.update(model=name, input_size=input_size, use_clip=use_clip, change_decoder=prompting,
                   imported_from=os.path.abspath(path))
     return model, mapped

@@ -102,14 +102,14 @@ def carries_clip_teacher(state):
 def _read_state_dict(path):
     """The raw tensors of a TorchScript archive or a plain (optionally {'state_dict': ...}-wrapped) state dict,
     MMEngine's files included (util.pretrained.load_weights_only)."""
-    if _is_torchscript(path):
-        try:
+    try:
+        if _is_torchscript(path):
             with warnings.catch_warnings():
                 warnings.simplefilter('ignore', FutureWarning)  # torch.jit.load is deprecated, still works
                 return torch.jit.load(path, map_location='cpu').state_dict()
-        except Exception as e:
-            raise UserError(f'cannot read {path} as a TorchScript archive ({load_failure(e, path)}); it may be '
-                            f'truncated: {CLIP_HINT}') from None
+    except Exception as e:  # a damaged zip (zipfile.BadZipFile) or archive
+        raise UserError(f'cannot read {path} as a TorchScript archive ({load_failure(e, path)}); it may be '
+                        f'truncated: {CLIP_HINT}') from None
     obj = load_weights_only(path, CLIP_HINT)
     if isinstance(obj, dict) and isinstance(obj.get('state_dict'), dict):
         obj = obj['state_dict']

@@ -8,6 +8,7 @@ class: a random encoder's k-NN starts well below 100% and pretraining raises it 
 while fine-tuning and linear probing still clearly beat chance in a few CPU epochs. (Random hues as well would
 be harder still, but then the demo's random CLIP teacher's features are mostly hue and its k-NN stays at
 chance.)"""
+import contextlib
 import fcntl
 import glob
 import os
@@ -16,6 +17,8 @@ import numpy as np
 from PIL import Image
 
 from util.config import demo_data_root
+from util.errors import UserError
+from util.logger import log
 
 CLASSES = ('disc', 'square', 'hstripes', 'vstripes')
 TRAIN_PER_CLASS = 64
@@ -68,33 +71,57 @@ def _complete(marker, stamp):
         return False
 
 
+@contextlib.contextmanager
+def _exclusive(root):
+    """Hold an exclusive lock on root + '.lock' for the block, or, where the file system gives none (NFS mounted
+    without locking, a read-only cache), go on without it, with a line: the drawing is deterministic."""
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)
+        lock = open(os.path.abspath(root) + '.lock', 'a')
+    except OSError as e:
+        log(f'note: cannot create the demo data lock beside {root} ({e.strerror}); drawing without it')
+        yield
+        return
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        except OSError as e:
+            log(f'note: the file system of {root} does not lock files ({e.strerror}); drawing without a lock')
+        yield
+
+
 def ensure_demo_dataset(root=None, seed=0, train_per_class=TRAIN_PER_CLASS, val_per_class=VAL_PER_CLASS):
     """Create root/{train,val}/<class>/*.JPEG unless a complete copy of this version is already there; returns
     root. An older or other copy is replaced (its generated files removed first, so none is left over).
 
-    Every process of a torchrun job calls this: an exclusive lock on root + '.lock' lets one of them draw while the
-    others wait, so none reads a half-written cache or deletes files another is reading (ranks on several nodes
-    sharing a network cache included, where flock reaches them)."""
+    Every process of a torchrun job calls this: an exclusive lock (_exclusive) lets one of them draw while the
+    others wait, so none reads a half-written cache or deletes files another is reading."""
     root = root or demo_data_root()
     marker, stamp = os.path.join(root, DONE), _stamp(seed, train_per_class, val_per_class)
     if _complete(marker, stamp):
         return root
-    os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)
-    with open(os.path.abspath(root) + '.lock', 'a') as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    with _exclusive(root):
         if _complete(marker, stamp):  # drawn by another process while this one waited
             return root
-        if os.path.isfile(marker):
-            os.remove(marker)
-        rng = np.random.default_rng(seed)
-        for split, count in (('train', train_per_class), ('val', val_per_class)):
-            for label, kind in enumerate(CLASSES):
-                folder = os.path.join(root, split, kind)
-                os.makedirs(folder, exist_ok=True)
-                for stale in glob.glob(os.path.join(folder, f'{kind}_[0-9][0-9][0-9][0-9].JPEG')):
-                    os.remove(stale)
-                for i in range(count):
-                    _draw(label, rng).save(os.path.join(folder, f'{kind}_{i:04d}.JPEG'), quality=90)
-        with open(marker, 'w') as f:
-            f.write(stamp)
+        try:
+            _draw_all(root, marker, stamp, seed, train_per_class, val_per_class)
+        except OSError as e:
+            raise UserError(f'cannot write the demo images under {root} ({e.strerror}); point XDG_CACHE_HOME at a '
+                            f'writable folder, or pass --data_path') from None
     return root
+
+
+def _draw_all(root, marker, stamp, seed, train_per_class, val_per_class):
+    if os.path.isfile(marker):
+        os.remove(marker)
+    rng = np.random.default_rng(seed)
+    for split, count in (('train', train_per_class), ('val', val_per_class)):
+        for label, kind in enumerate(CLASSES):
+            folder = os.path.join(root, split, kind)
+            os.makedirs(folder, exist_ok=True)
+            for stale in glob.glob(os.path.join(folder, f'{kind}_[0-9][0-9][0-9][0-9].JPEG')):
+                os.remove(stale)
+            for i in range(count):
+                _draw(label, rng).save(os.path.join(folder, f'{kind}_{i:04d}.JPEG'), quality=90)
+    with open(marker, 'w') as f:
+        f.write(stamp)

@@ -37,22 +37,37 @@ def init_distributed(args):
         backend = 'nccl' if device.type == 'cuda' else 'gloo'
         dist.init_process_group(backend, init_method=args.dist_url, world_size=args.world_size, rank=args.rank,
                                 device_id=device if device.type == 'cuda' else None)
-        global _start_up
-        _start_up = dist.new_group(backend='gloo', timeout=START_UP_TIMEOUT)
         dist.barrier()
     return device
 
 
 # NCCL's collectives give up after 10 minutes (its default timeout). The waits of start-up, while the main process
-# downloads a teacher (OpenAI's ViT-L/14 is 890 MB) or one process indexes a thousand shards on network storage,
-# can take longer: main_first and in_turn wait on a gloo group of their own, made with every process at start-up,
-# with this timeout. Training's collectives keep the backend's.
+# downloads a teacher (OpenAI's ViT-L/14 is 890 MB) or the processes index a thousand shards on network storage,
+# can take longer: main_first and in_turn meet in the process group's rendezvous store instead, which the launcher
+# already connected (no new connections, so nothing more to configure on multi-node jobs), with this timeout.
+# Training's collectives keep the backend's.
 START_UP_TIMEOUT = datetime.timedelta(hours=2)
-_start_up = None
+_waits = 0  # start-up waits so far: every process meets them in the same order
 
 
 def _wait_for_all():
-    dist.barrier(group=_start_up)
+    """A barrier of all processes through the default group's store (torch's private accessor, present in every
+    supported release; dist.barrier where it is missing)."""
+    global _waits
+    store_of = getattr(dist.distributed_c10d, '_get_default_store', None)
+    if store_of is None:
+        dist.barrier()
+        return
+    store, _waits = store_of(), _waits + 1
+    key = f'milan/start_up/{_waits}'
+    if store.add(key, 1) == dist.get_world_size():  # the last one to arrive lets everybody go
+        store.set(key + '/all', '1')
+    try:
+        store.wait([key + '/all'], START_UP_TIMEOUT)
+    except Exception as e:  # torch's DistStoreError: a process crashed or hung before it got here
+        raise UserError(f'the other processes did not finish start-up within {START_UP_TIMEOUT} (this process waited '
+                        f'at start-up step {_waits}: a teacher download or the shard index); see their output for '
+                        f'why') from e
 
 
 def is_main():
