@@ -30,7 +30,7 @@ from util.cli import add_common_args, make_parser, run  # noqa: E402
 from util.clip_weights import carries_clip_teacher  # noqa: E402
 from util.errors import UserError  # noqa: E402
 from util.pretrained import (checkpoint_epoch, is_mmpretrain, model_state, read_checkpoint,  # noqa: E402
-                             strip_prefixes)
+                             stored_state)
 
 OUR_KINDS = ('pretrain', 'finetune', 'linprobe')
 ENCODER = ('cls_token', 'pos_embed', 'patch_embed', 'blocks', 'norm')
@@ -81,8 +81,7 @@ def parameter_counts(state):
 def released_mmpretrain(ckpt):
     """(whether a released file is in MMPretrain's layout, whether it carries its CLIP teacher as MMPretrain's MILAN
     files do), from the state dict model_state reads."""
-    state = ckpt.get('model', ckpt.get('state_dict', ckpt))
-    state = strip_prefixes(state) if isinstance(state, dict) else {}
+    state = stored_state(ckpt)
     return is_mmpretrain(state), carries_clip_teacher(state)
 
 

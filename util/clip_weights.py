@@ -93,10 +93,15 @@ CLIP_HINT = "pass OpenAI's CLIP .pt file or a CLIP state-dict file"
 CLIP_PREFIXES = ('', 'target_generator.tokenizer.')
 
 
+def _tower_prefix(state):
+    """Which of CLIP_PREFIXES a (prefix-stripped) state dict's CLIP visual tower starts at, or None."""
+    return next((prefix for prefix in CLIP_PREFIXES if prefix + 'visual.conv1.weight' in state), None)
+
+
 def carries_clip_teacher(state):
     """Whether a (prefix-stripped) state dict holds a CLIP visual tower beside its own weights, as MMPretrain's
     MILAN pretraining files do: the file itself then serves as its teacher (--clip_model FILE)."""
-    return any(prefix and prefix + 'visual.conv1.weight' in state for prefix in CLIP_PREFIXES)
+    return bool(_tower_prefix(state))
 
 
 def _read_state_dict(path):
@@ -122,8 +127,13 @@ def _visual_state_dict(raw, path):
     """Strip `visual.` (dropping the text tower; found at any of CLIP_PREFIXES) or accept already-stripped keys,
     after any DDP/compile prefixes; refuse anything else."""
     raw = strip_prefixes(raw)
-    prefix = next((p + 'visual.' for p in CLIP_PREFIXES if p + 'visual.conv1.weight' in raw),
-                  'visual.' if any(k.startswith('visual.') for k in raw) else '')
+    tower = _tower_prefix(raw)
+    if tower is not None:
+        prefix = tower + 'visual.'
+    elif any(k.startswith('visual.') for k in raw):
+        prefix = 'visual.'
+    else:
+        prefix = ''  # the keys are already the tower's
     sd = {k[len(prefix):]: v for k, v in raw.items() if k.startswith(prefix)}
     if 'attnpool.positional_embedding' in sd:
         raise UserError(f'{path} is a ResNet CLIP; only ViT CLIP models are supported, pass e.g. ViT-B/16')

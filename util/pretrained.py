@@ -205,13 +205,18 @@ def from_mmpretrain(state, path):
     return out
 
 
-def model_state(ckpt, path):
-    """The weights, with the DDP/compile prefixes stripped (MMPretrain's in timm's names); a bare state dict is its
-    own weights."""
+def stored_state(ckpt):
+    """The state dict a checkpoint keeps its weights in, in its own names (ours and MAE's under `model`, MMEngine's
+    under `state_dict`; a bare state dict is its own), with the DDP/compile prefixes stripped; {} if none."""
     state = ckpt.get('model', ckpt.get('state_dict', ckpt))
-    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    return strip_prefixes(state) if isinstance(state, dict) else {}
+
+
+def model_state(ckpt, path):
+    """The weights (stored_state), MMPretrain's in timm's names."""
+    state = stored_state(ckpt)
+    if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f'{path} holds no model state dict')
-    state = strip_prefixes(state)
     return from_mmpretrain(state, path) if is_mmpretrain(state) else state
 
 
